@@ -1,0 +1,197 @@
+"""View distributions (``ViewSpec``), the shipped recipes, and their per-sample execution.
+
+A recipe is a tuple of ViewSpecs, one per view. The paper's pair (Zbontar et al., 2021, App. C) is
+asymmetric: Gaussian blur with p 1.0 / 0.1 and solarization with p 0.0 / 0.2. Variants are built
+with ``dataclasses.replace`` so each distribution parameter has one home.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """The distribution of one augmented view of a uint8 image.
+
+    Order of operations (paper): random resized crop → horizontal flip → colour jitter (with
+    probability ``jitter_p``) → grayscale → Gaussian blur → solarize → normalise.
+    """
+
+    crop_size: int = 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: float = 1.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"ViewSpec.{name} must be a probability in [0, 1], got {p}")
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"ViewSpec.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if self.crop_size < 4:
+            raise ValueError(f"ViewSpec.crop_size must be >= 4 px, got {self.crop_size}")
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"ViewSpec mean {self.mean} and std {self.std} differ in length")
+
+    @property
+    def blur_kernel(self) -> int:
+        """Odd kernel side ≈ 10 % of the crop (23 px at 224, as in the paper)."""
+        return max(3, int(0.1 * self.crop_size) // 2 * 2 + 1)
+
+
+_PAPER_A = ViewSpec(blur_p=1.0, solarize_p=0.0)
+_PAPER_B = dataclasses.replace(_PAPER_A, blur_p=0.1, solarize_p=0.2)
+# 32-px colour images (CIFAR): blur at this size destroys the image, so it is dropped (as is
+# common practice for CIFAR recipes); solarization keeps the paper's asymmetry.
+_SMALL_A = dataclasses.replace(_PAPER_A, crop_size=32, blur_p=0.0)
+_SMALL_B = dataclasses.replace(_PAPER_B, crop_size=32, blur_p=0.0)
+# 28-px grayscale images (Fashion-MNIST, digits): no hue/saturation/grayscale on one channel, and
+# a larger minimum crop since an 8 % crop of a 28-px garment is a few pixels.
+_GRAY_A = dataclasses.replace(
+    _SMALL_A, crop_size=28, crop_scale=(0.2, 1.0), saturation=0.0, hue=0.0, grayscale_p=0.0
+)
+_GRAY_B = dataclasses.replace(_GRAY_A, solarize_p=0.2)
+
+RECIPES: dict[str, tuple[ViewSpec, ...]] = {
+    "barlow": (_PAPER_A, _PAPER_B),
+    "barlow-small": (_SMALL_A, _SMALL_B),
+    "barlow-gray": (_GRAY_A, _GRAY_B),
+}
+
+
+def recipe_for(family: str, *, channels: int, image_size: int) -> str:
+    """Pick the recipe variant of a family (e.g. ``"barlow"``) that suits the images."""
+    if channels == 1 and f"{family}-gray" in RECIPES:
+        return f"{family}-gray"
+    if image_size <= 64 and f"{family}-small" in RECIPES:
+        return f"{family}-small"
+    return family
+
+
+def build_specs(
+    recipe: str, *, crop_size: int, mean: Sequence[float], std: Sequence[float]
+) -> tuple[ViewSpec, ...]:
+    """The recipe's ViewSpecs with the dataset's crop size and normalisation filled in."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown view recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    return tuple(
+        dataclasses.replace(s, crop_size=crop_size, mean=tuple(mean), std=tuple(std))
+        for s in RECIPES[recipe]
+    )
+
+
+def per_sample_transform(spec: ViewSpec) -> v2.Compose:
+    """torchvision.transforms.v2 pipeline drawing one view of a uint8 (C, H, W) image."""
+    ops: list[Callable[..., object]] = [
+        v2.RandomResizedCrop(
+            spec.crop_size,
+            scale=spec.crop_scale,
+            ratio=spec.crop_ratio,
+            interpolation=InterpolationMode.BICUBIC,
+            antialias=True,
+        ),
+        v2.RandomHorizontalFlip(spec.flip_p),
+    ]
+    if spec.jitter_p > 0:
+        jitter = v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)
+        ops.append(v2.RandomApply([jitter], p=spec.jitter_p))
+    if spec.grayscale_p > 0:
+        ops.append(v2.RandomGrayscale(spec.grayscale_p))
+    if spec.blur_p > 0:
+        blur = v2.GaussianBlur(spec.blur_kernel, sigma=spec.blur_sigma)
+        ops.append(v2.RandomApply([blur], p=spec.blur_p))
+    if spec.solarize_p > 0:
+        ops.append(v2.RandomSolarize(threshold=128, p=spec.solarize_p))  # uint8 threshold, as PIL's
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec.mean, spec.std)]
+    return v2.Compose(ops)
+
+
+class MultiView:
+    """Draw one view per spec from the same image: ``image → (view_1, …, view_k)``."""
+
+    def __init__(self, specs: Sequence[ViewSpec]) -> None:
+        if not specs:
+            raise ValueError("MultiView needs at least one ViewSpec")
+        self.specs = tuple(specs)
+        self.transforms = [per_sample_transform(s) for s in self.specs]
+
+    def __call__(self, image: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t(image) for t in self.transforms)
+
+
+def normalize_batch(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """uint8 or [0, 1] float (B, C, H, W) → normalised float32, on the images' device."""
+    x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+    m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+class EvalPreprocess:
+    """Deterministic batched preprocessing for evaluation: resize to the crop size, normalise.
+
+    Images of a fixed size (in-memory datasets) are resized as a batch; image folders are resized
+    and centre-cropped per sample in the loader (``eval_sample_transform``) before this runs.
+    """
+
+    def __init__(self, crop_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        self.crop_size, self.mean, self.std = crop_size, tuple(mean), tuple(std)
+
+    def __call__(self, images: Tensor) -> Tensor:
+        x = normalize_batch(images, self.mean, self.std)
+        if x.shape[-1] != self.crop_size or x.shape[-2] != self.crop_size:
+            x = F.interpolate(
+                x, size=(self.crop_size, self.crop_size), mode="bilinear", antialias=True
+            )
+        return x
+
+
+def eval_sample_transform(crop_size: int) -> v2.Compose:
+    """Per-sample resize (shorter side to crop·256/224) and centre crop, uint8 kept."""
+    return v2.Compose([v2.Resize(round(crop_size * 256 / 224), antialias=True), v2.CenterCrop(crop_size)])
+
+
+class LinearEvalAugment:
+    """The linear-evaluation protocol's training augmentation (random resized crop + flip),
+    applied per sample over a uint8 batch, then normalised."""
+
+    def __init__(self, crop_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        spec = ViewSpec(crop_size=crop_size, mean=tuple(mean), std=tuple(std))
+        self.crop = v2.Compose(
+            [
+                v2.RandomResizedCrop(
+                    crop_size, scale=spec.crop_scale, interpolation=InterpolationMode.BICUBIC
+                ),
+                v2.RandomHorizontalFlip(),
+            ]
+        )
+        self.mean, self.std = spec.mean, spec.std
+
+    def __call__(self, images: Tensor) -> Tensor:
+        cropped = torch.stack([self.crop(img) for img in images])
+        return normalize_batch(cropped, self.mean, self.std)

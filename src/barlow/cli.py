@@ -1,0 +1,146 @@
+"""The ``barlow`` command: each subcommand is one library call."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from barlow import __version__
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from barlow.config import apply_overrides, from_dict, read_recipe
+    from barlow.train import pretrain
+
+    overrides = list(args.set)
+    if args.data is not None:
+        overrides.insert(0, f"data.dataset={_quoted(args.data)}")
+    if args.data_root is not None:
+        overrides.insert(0, f"data.root={_quoted(args.data_root)}")
+    if args.method is not None:
+        overrides.insert(0, f"method.name={_quoted(args.method)}")
+    if args.epochs is not None:
+        overrides.insert(0, f"train.epochs={args.epochs}")
+    raw = read_recipe(args.recipe)
+    if args.method is not None and raw.get("method", {}).get("name") not in (None, args.method):
+        raw["method"] = {}  # another method's hyper-parameters do not carry over
+    cfg = from_dict(apply_overrides(raw, overrides))
+    out = Path(args.out) if args.out else Path("runs") / Path(args.recipe).stem
+    pretrain(
+        cfg,
+        out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        argv=sys.argv,
+        progress=not args.quiet,
+    )
+    print(f"run written to {out}")
+    return 0
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from barlow.evaluation_runs import run_knn, run_linear
+
+    if args.command == "knn":
+        run_knn(args.checkpoint, dataset=args.data, root=args.data_root, overrides=args.set)
+    else:
+        run_linear(
+            args.checkpoint,
+            dataset=args.data,
+            root=args.data_root,
+            protocol=args.protocol,
+            overrides=args.set,
+        )
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from barlow.methods import METHODS
+
+    for name, cls in METHODS.items():
+        params = inspect.signature(cls.__init__).parameters
+        defaults = ", ".join(
+            f"{k}={p.default!r}" for k, p in params.items() if k not in ("self", "backbone")
+        )
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        print(f"{name}: {doc}\n  views {cls.views!r} ×{cls.num_views}; {defaults}")
+    return 0
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from barlow.config import shipped_recipes
+
+    for name, path in sorted(shipped_recipes().items()):
+        first = path.read_text().splitlines()[0].lstrip("# ")
+        print(f"{name}: {first}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="barlow",
+        description="Self-supervised visual representation learning by redundancy reduction.",
+    )
+    parser.add_argument("--version", action="version", version=f"barlow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="pretrain an encoder from a recipe")
+    p.add_argument(
+        "recipe", nargs="?", default="digits", help="shipped recipe name or TOML file (default: digits)"
+    )
+    p.add_argument("--data", help="dataset name (digits, fashion-mnist, cifar10, …) or image folder")
+    p.add_argument("--data-root", help="directory holding the dataset's files")
+    p.add_argument("--method", help="method name (see `barlow methods`)")
+    p.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
+    p.add_argument("--out", help="run directory (default: runs/<recipe>)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=0.3"
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_pretrain)
+
+    for name, text in (("knn", "weighted kNN accuracy"), ("linear", "linear-probe accuracy")):
+        e = sub.add_parser(name, help=f"{text} of a pretrained checkpoint")
+        e.add_argument("checkpoint", help="checkpoint.pt written by `barlow pretrain`")
+        e.add_argument("--data", help="evaluate on another labelled dataset than the run's")
+        e.add_argument("--data-root", help="directory holding the dataset's files")
+        e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.knn_k=20")
+        if name == "linear":
+            e.add_argument(
+                "--protocol",
+                choices=("probe", "paper"),
+                default="probe",
+                help="probe: fast, on frozen features; paper: linear head trained with augmentation",
+            )
+        e.set_defaults(func=_evaluate)
+
+    m = sub.add_parser("methods", help="list the methods and their default hyper-parameters")
+    m.set_defaults(func=_methods)
+    r = sub.add_parser("recipes", help="list the shipped recipes")
+    r.set_defaults(func=_recipes)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from barlow.train import NonFiniteLossError
+
+    try:
+        result: Any = args.func(args)
+        return int(result)
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as exc:
+        print(f"barlow {args.command}: error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, NonFiniteLossError) else 2
+    except KeyboardInterrupt:
+        print(f"barlow {args.command}: interrupted", file=sys.stderr)
+        return 130

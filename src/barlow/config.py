@@ -1,0 +1,340 @@
+"""Run configuration: frozen dataclasses, TOML recipes and ``--set key=value`` overrides.
+
+A recipe holds only what differs from the code defaults. Method hyper-parameters are not copied
+here: ``[method]`` keys are checked against the method class's keyword arguments, whose defaults
+are the single home of each value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"  # a name in data.DATASETS, or a directory of images
+    root: str | None = None  # where the dataset's files are (None: its default places)
+    download: bool = False  # torchvision datasets are downloaded only when this is true
+    views: str | None = None  # view recipe in augment.RECIPES; None: the method's, fit to the data
+    crop_size: int | None = None  # None: the dataset's image size
+    num_workers: int = 0  # DataLoader workers; 0 augments in the training process
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "small_cnn"  # resnet18|resnet34|resnet50|small_cnn|timm:<name>
+    small_images: bool | None = None  # 3×3 stem without max-pool; None: images ≤ 64 px
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    name: str = "barlow_twins"
+    params: dict[str, Any] = field(default_factory=dict)  # keyword arguments of METHODS[name]
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "lars"  # lars|sgd|adamw
+    lr: float = 0.2  # learning rate for weights per 256 images (scaled by batch_size / 256)
+    bias_lr: float | None = None  # for biases and norm layers, per 256 images; None: same as lr
+    weight_decay: float = 1.5e-6
+    momentum: float = 0.9
+    eta: float = 0.001  # LARS trust coefficient
+    warmup_epochs: float = 10.0
+    final_lr_ratio: float = 0.001  # cosine ends at lr × this
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256  # global: split over processes, which must divide it
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32)|fp32|bf16|fp16
+    seed: int = 0
+    device: str = "auto"  # auto|cpu|cuda|cuda:N
+    log_every: int = 20  # steps between JSON-lines records
+    checkpoint_every: int = 1  # epochs
+    sync_batchnorm: bool = True  # under DDP on GPU; SyncBatchNorm does not run on CPU
+    channels_last: bool = True  # on GPU
+    compile: bool = False  # torch.compile the method
+    max_steps: int | None = None  # stop early after this many steps (smoke tests)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    online_knn_every: int = 1  # epochs between kNN evaluations during pretraining; 0: never
+    final: bool = True  # kNN + linear probe when pretraining ends
+    baselines: bool = False  # also evaluate a random-init encoder and raw pixels
+    probe_epochs: int = 100  # fast linear probe on frozen features
+    protocol_epochs: int = 100  # the paper's linear evaluation (`barlow linear --protocol paper`)
+    protocol_lr: float = 0.3  # per 256 images
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON- and ``weights_only``-safe)."""
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
+_SECTION_TYPES = typing.get_type_hints(Config)
+
+
+def _closest(name: str, choices: Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _method_class(name: str) -> type:
+    from barlow.methods import METHODS  # late import: config must not pull in torch models
+
+    if name not in METHODS:
+        raise ValueError(
+            f"unknown method {name!r}{_closest(name, METHODS)} (valid: {', '.join(METHODS)})"
+        )
+    return METHODS[name]
+
+
+def method_parameters(name: str) -> dict[str, inspect.Parameter]:
+    """The legal ``[method]`` keys: keyword arguments of the method class after ``backbone``."""
+    params = inspect.signature(_method_class(name).__init__).parameters
+    return {k: p for k, p in params.items() if k not in ("self", "backbone")}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check ``value`` against a simple annotation (int/float/bool/str/Literal/Optional)."""
+    if isinstance(annotation, str):  # unresolved forward reference: accept as is
+        return value
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ValueError(f"{key} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+        return value
+    if origin is tuple and isinstance(value, list | tuple):
+        return tuple(value)
+    return value
+
+
+def _check_ranges(cfg: Config) -> None:
+    """Value checks that types cannot express; each message names the key and the valid range."""
+    rules: list[tuple[bool, str]] = [
+        (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
+        (
+            cfg.optim.bias_lr is None or cfg.optim.bias_lr >= 0,
+            f"optim.bias_lr must be >= 0, got {cfg.optim.bias_lr}",
+        ),
+        (
+            cfg.optim.weight_decay >= 0,
+            f"optim.weight_decay must be >= 0, got {cfg.optim.weight_decay}",
+        ),
+        (
+            0 <= cfg.optim.momentum < 1,
+            f"optim.momentum must be in [0, 1), got {cfg.optim.momentum}",
+        ),
+        (cfg.optim.eta > 0, f"optim.eta must be > 0, got {cfg.optim.eta}"),
+        (
+            cfg.optim.warmup_epochs >= 0,
+            f"optim.warmup_epochs must be >= 0, got {cfg.optim.warmup_epochs}",
+        ),
+        (
+            0 <= cfg.optim.final_lr_ratio <= 1,
+            f"optim.final_lr_ratio must be in [0, 1], got {cfg.optim.final_lr_ratio}",
+        ),
+        (
+            cfg.optim.name in ("lars", "sgd", "adamw"),
+            f"optim.name must be lars, sgd or adamw, got {cfg.optim.name!r}",
+        ),
+        (cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}"),
+        (
+            cfg.train.batch_size >= 2,
+            f"train.batch_size must be >= 2 (the loss standardises along the batch), got {cfg.train.batch_size}",
+        ),
+        (
+            cfg.train.precision in ("auto", "fp32", "bf16", "fp16"),
+            f"train.precision must be auto, fp32, bf16 or fp16, got {cfg.train.precision!r}",
+        ),
+        (cfg.train.log_every >= 1, f"train.log_every must be >= 1, got {cfg.train.log_every}"),
+        (
+            cfg.train.checkpoint_every >= 1,
+            f"train.checkpoint_every must be >= 1, got {cfg.train.checkpoint_every}",
+        ),
+        (
+            cfg.train.max_steps is None or cfg.train.max_steps >= 1,
+            f"train.max_steps must be >= 1, got {cfg.train.max_steps}",
+        ),
+        (cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}"),
+        (
+            cfg.data.crop_size is None or cfg.data.crop_size >= 4,
+            f"data.crop_size must be >= 4, got {cfg.data.crop_size}",
+        ),
+        (cfg.eval.knn_k >= 1, f"eval.knn_k must be >= 1, got {cfg.eval.knn_k}"),
+        (
+            cfg.eval.knn_temperature > 0,
+            f"eval.knn_temperature must be > 0, got {cfg.eval.knn_temperature}",
+        ),
+        (
+            cfg.eval.online_knn_every >= 0,
+            f"eval.online_knn_every must be >= 0, got {cfg.eval.online_knn_every}",
+        ),
+        (
+            cfg.eval.probe_epochs >= 1,
+            f"eval.probe_epochs must be >= 1, got {cfg.eval.probe_epochs}",
+        ),
+        (
+            cfg.eval.protocol_epochs >= 1,
+            f"eval.protocol_epochs must be >= 1, got {cfg.eval.protocol_epochs}",
+        ),
+        (cfg.eval.protocol_lr > 0, f"eval.protocol_lr must be > 0, got {cfg.eval.protocol_lr}"),
+        (cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise ValueError(message)
+
+
+def _validate_method(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    legal = method_parameters(name)
+    checked: dict[str, Any] = {}
+    hints = typing.get_type_hints(_method_class(name).__init__)
+    for key, value in params.items():
+        if key not in legal:
+            raise ValueError(
+                f"unknown key method.{key} for method {name!r}{_closest(key, legal)} "
+                f"(valid: {', '.join(legal)})"
+            )
+        checked[key] = _coerce(value, hints.get(key, legal[key].annotation), f"method.{key}")
+    if "projector" in checked:
+        from barlow.heads import parse_spec
+
+        parse_spec(checked["projector"])
+    return checked
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (a parsed recipe or a saved config)."""
+    sections: dict[str, Any] = {}
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ValueError(f"unknown config section [{section}]{_closest(section, SECTIONS)}")
+        if not isinstance(values, Mapping):
+            raise ValueError(f"config section [{section}] must be a table, got {values!r}")
+        sections[section] = dict(values)
+
+    method_raw = sections.pop("method", {})
+    method_name = method_raw.pop("name", MethodConfig.name)
+    method_params = dict(method_raw.pop("params", {}))
+    method_params.update(method_raw)
+    method = MethodConfig(name=method_name, params=_validate_method(method_name, method_params))
+
+    built: dict[str, Any] = {"method": method}
+    for section, values in sections.items():
+        cls = _SECTION_TYPES[section]
+        hints = typing.get_type_hints(cls)
+        for key in values:
+            if key not in hints:
+                raise ValueError(f"unknown key {section}.{key}{_closest(key, hints)}")
+        built[section] = cls(
+            **{k: _coerce(v, hints[k], f"{section}.{k}") for k, v in values.items()}
+        )
+    cfg = Config(**built)
+    _check_ranges(cfg)
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    """TOML value syntax for overrides (``0.3``, ``true``, ``"x"``, ``[1, 2]``); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings to a nested recipe dict (returns a new dict)."""
+    out = {k: dict(v) for k, v in raw.items()}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ValueError(
+                f"override {item!r} must look like section.key=value, e.g. optim.lr=0.3"
+            )
+        out.setdefault(section, {})[name] = _parse_value(value.strip())
+    return out
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Recipes packaged with barlow, by name (file stem)."""
+    folder = resources.files("barlow") / "recipes"
+    return {Path(str(p)).stem: Path(str(p)) for p in folder.iterdir() if str(p).endswith(".toml")}
+
+
+def read_recipe(name_or_path: str) -> dict[str, Any]:
+    """Parse a shipped recipe by name, or a TOML file by path (``tomllib``: no code runs)."""
+    recipes = shipped_recipes()
+    path = recipes.get(name_or_path, Path(name_or_path))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no recipe {name_or_path!r}: not a shipped recipe ({', '.join(sorted(recipes))}) "
+            f"nor a TOML file{_closest(name_or_path, recipes)}"
+        )
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"recipe {path} is not valid TOML: {exc}") from exc
+
+
+def load_config(recipe: str = "digits", overrides: Iterable[str] = ()) -> Config:
+    """Recipe + overrides → a validated Config."""
+    return from_dict(apply_overrides(read_recipe(recipe), overrides))

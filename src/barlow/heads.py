@@ -1,0 +1,63 @@
+"""Projector / predictor MLPs built from spec strings, and the EMA update for target networks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def parse_spec(spec: str) -> list[int]:
+    """Parse a layer-width spec such as ``"8192-8192-8192"`` into ``[8192, 8192, 8192]``."""
+    parts = spec.split("-") if isinstance(spec, str) else []
+    widths: list[int] = []
+    for part in parts:
+        if not part.strip().isdigit() or int(part) <= 0:
+            raise ValueError(
+                f"invalid layer spec {spec!r}: expected positive integers joined by '-', "
+                f"e.g. '8192-8192-8192' or '2048-128'"
+            )
+        widths.append(int(part))
+    if not widths:
+        raise ValueError(f"invalid layer spec {spec!r}: expected e.g. '8192-8192-8192'")
+    return widths
+
+
+def mlp(in_dim: int, spec: str, *, last_bn: bool = False, bias: bool = False) -> nn.Sequential:
+    """The Barlow Twins projector: ``in_dim → w1 → … → wk``.
+
+    Hidden blocks are Linear(bias=False)-BatchNorm1d-ReLU; the last Linear has no bias (Zbontar et al.,
+    2021, §2). ``last_bn`` appends a BatchNorm1d (SimCLR/MoCo-style heads); ``bias`` gives the last
+    Linear a bias (predictors).
+    """
+    widths = [in_dim, *parse_spec(spec)]
+    layers: list[nn.Module] = []
+    for d_in, d_out in zip(widths[:-2], widths[1:-1], strict=True):
+        layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+    layers.append(nn.Linear(widths[-2], widths[-1], bias=bias))
+    if last_bn:
+        layers.append(nn.BatchNorm1d(widths[-1], affine=False))
+    return nn.Sequential(*layers)
+
+
+def mlp_num_parameters(in_dim: int, spec: str) -> int:
+    """Parameter count of ``mlp(in_dim, spec)`` without building it (memory preflight)."""
+    widths = [in_dim, *parse_spec(spec)]
+    linear = sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    return linear + sum(2 * w for w in widths[1:-1])
+
+
+def momentum_schedule(progress: float, base: float = 0.996, final: float = 1.0) -> float:
+    """BYOL's target momentum, cosine-annealed: τ = 1 − (1 − τ_base)(cos(π·progress) + 1)/2."""
+    progress = min(max(progress, 0.0), 1.0)
+    return final - (final - base) * (math.cos(math.pi * progress) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """θ_target ← m·θ_target + (1 − m)·θ_online for parameters; buffers are copied."""
+    for t, o in zip(target.parameters(), online.parameters(), strict=True):
+        t.lerp_(o.detach(), 1.0 - momentum)
+    for tb, ob in zip(target.buffers(), online.buffers(), strict=True):
+        tb.copy_(ob)

@@ -1,0 +1,51 @@
+"""The one interface every self-supervised method implements."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+
+@dataclass
+class StepOutput:
+    """What a method's forward returns to the training loop."""
+
+    loss: Tensor  # float32 scalar; the loop calls backward on it
+    logs: dict[str, Tensor] = field(default_factory=dict)  # detached scalars for the logger
+
+
+class Method(nn.Module):
+    """A self-supervised method: views in, loss out.
+
+    Subclasses take the backbone plus typed keyword hyper-parameters with the paper's defaults; they
+    never see a config, an optimizer or a loader. The loss lives in ``forward`` because DDP's
+    gradient bookkeeping runs through the wrapped forward.
+    """
+
+    num_views: ClassVar[int] = 2
+    views: ClassVar[str] = "barlow"  # default recipe name in augment.RECIPES
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, views: Sequence[Tensor]) -> StepOutput:
+        raise NotImplementedError
+
+    def embed(self, images: Tensor) -> Tensor:
+        """The representation used for evaluation: backbone features h, shape (B, num_features)."""
+        out: Tensor = self.backbone(images)
+        return out
+
+    def after_step(self, progress: float) -> None:
+        """Hook run after each optimizer step (EMA / queue updates); progress ∈ [0, 1]."""
+
+    def _check_views(self, views: Sequence[Tensor]) -> None:
+        if len(views) != self.num_views:
+            raise ValueError(
+                f"{type(self).__name__} takes {self.num_views} views per image, got {len(views)}; "
+                f"use a view recipe with {self.num_views} views"
+            )

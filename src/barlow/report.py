@@ -1,0 +1,293 @@
+"""Judging an encoder: features of the plain (unaugmented) images, kNN, linear probe, baselines.
+
+The glue between datasets (``data``), preprocessing (``augment``) and the evaluation maths
+(``evaluate``), shared by the end of pretraining and the ``knn`` / ``linear`` commands.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from barlow import data, evaluate
+from barlow.augment import EvalPreprocess, LinearEvalAugment, eval_sample_transform
+from barlow.config import Config, EvalConfig, apply_overrides, from_dict
+from barlow.methods import Method, create_method
+
+
+class _Transformed(Dataset[tuple[Tensor, int]]):
+    """A dataset with a per-sample image transform (folders: resize + centre crop)."""
+
+    def __init__(self, dataset: Dataset[tuple[Tensor, int]], transform: Any) -> None:
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, label = self.dataset[index]
+        return self.transform(image), label
+
+
+def _tensor_batches(
+    images: Tensor, labels: Tensor, batch_size: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size], labels[start : start + batch_size]
+
+
+class _Reshuffled:
+    def __init__(self, eval_data: EvalData, split: str, batch_size: int, seed: int) -> None:
+        self.eval_data, self.split, self.batch_size = eval_data, split, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        dataset = self.eval_data.train if self.split == "train" else self.eval_data.test
+        in_memory = data.in_memory_images(dataset)
+        if in_memory is not None:
+            order = torch.randperm(len(in_memory[0]), generator=self.generator)
+            yield from _tensor_batches(in_memory[0][order], in_memory[1][order], self.batch_size)
+            return
+        loader = DataLoader(
+            _Transformed(dataset, eval_sample_transform(self.eval_data.crop_size)),
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=self.generator,
+            num_workers=self.eval_data.num_workers,
+        )
+        yield from loader
+
+
+@dataclass
+class EvalData:
+    """The labelled train and test splits of a dataset, ready for feature extraction."""
+
+    train: Dataset[tuple[Tensor, int]]
+    test: Dataset[tuple[Tensor, int]]
+    preprocess: EvalPreprocess
+    crop_size: int
+    num_classes: int
+    num_workers: int = 0
+
+    @classmethod
+    def build(
+        cls,
+        dataset: str,
+        *,
+        root: str | None = None,
+        download: bool = False,
+        crop_size: int | None = None,
+        num_workers: int = 0,
+    ) -> EvalData:
+        info = data.dataset_info(dataset)
+        train = data.build_dataset(dataset, split="train", root=root, download=download)
+        test = data.build_dataset(dataset, split="test", root=root, download=download)
+        if not (data.labelled(train) and data.labelled(test)):
+            raise ValueError(
+                f"dataset {dataset!r} has no labels, so kNN / linear accuracy cannot be measured; "
+                "evaluate on a labelled dataset (class subfolders under train/ and val/)"
+            )
+        size = crop_size or info.image_size
+        num_classes = info.num_classes or len(getattr(train, "classes", [])) or 0
+        if num_classes < 2:
+            raise ValueError(f"dataset {dataset!r} needs at least 2 classes to evaluate")
+        return cls(
+            train, test, EvalPreprocess(size, info.mean, info.std), size, num_classes, num_workers
+        )
+
+    def batches(self, split: str, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """(uint8 images, labels) batches in dataset order."""
+        dataset = self.train if split == "train" else self.test
+        in_memory = data.in_memory_images(dataset)
+        if in_memory is not None:
+            yield from _tensor_batches(*in_memory, batch_size)
+            return
+        loader = DataLoader(
+            _Transformed(dataset, eval_sample_transform(self.crop_size)),
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+        )
+        for images, labels in loader:
+            yield images, labels
+
+    def features(
+        self,
+        encoder: nn.Module,
+        split: str,
+        *,
+        device: torch.device,
+        batch_size: int,
+        progress: bool,
+    ) -> evaluate.Features:
+        return evaluate.extract_features(
+            encoder,
+            self.batches(split, batch_size),
+            device=device,
+            preprocess=self.preprocess,
+            progress=f"features ({split})" if progress else False,
+        )
+
+    def pixels(self, split: str) -> evaluate.Features:
+        """Raw normalised pixels as features (the no-learning baseline)."""
+        images, labels = [], []
+        for x, y in self.batches(split, 1024):
+            images.append(self.preprocess(x).flatten(1))
+            labels.append(y)
+        return evaluate.Features(torch.cat(images), torch.cat(labels).long())
+
+
+def knn_and_probe(
+    train: evaluate.Features,
+    test: evaluate.Features,
+    cfg: EvalConfig,
+    *,
+    num_classes: int,
+    seed: int = 0,
+) -> dict[str, float]:
+    """kNN top-1 and linear-probe top-1 accuracy on precomputed features."""
+    knn = evaluate.knn_accuracy(
+        train, test, k=cfg.knn_k, temperature=cfg.knn_temperature, num_classes=num_classes
+    )
+    probe = evaluate.linear_probe(train, test, epochs=cfg.probe_epochs, seed=seed)
+    return {"knn_top1": knn, "linear_top1": probe["test_acc"]}
+
+
+def evaluate_encoder(
+    encoder: nn.Module,
+    eval_data: EvalData,
+    cfg: EvalConfig,
+    *,
+    device: torch.device,
+    progress: bool = False,
+    seed: int = 0,
+) -> dict[str, float]:
+    train = eval_data.features(
+        encoder, "train", device=device, batch_size=cfg.batch_size, progress=progress
+    )
+    test = eval_data.features(
+        encoder, "test", device=device, batch_size=cfg.batch_size, progress=progress
+    )
+    return knn_and_probe(train, test, cfg, num_classes=eval_data.num_classes, seed=seed)
+
+
+MAX_PIXEL_FEATURES = 32 * 32 * 3  # raw-pixel baseline only where the probe stays cheap
+
+
+def results_table(rows: dict[str, dict[str, float]]) -> str:
+    """A Markdown table of kNN / linear accuracy per encoder."""
+    lines = ["| encoder | kNN top-1 | linear top-1 |", "|---|---:|---:|"]
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | {100 * row['knn_top1']:.1f} % | {100 * row['linear_top1']:.1f} % |"
+        )
+    return "\n".join(lines)
+
+
+def load_pretrained(path: str | Path) -> tuple[Method, Config, dict[str, Any]]:
+    """Rebuild the method saved in a ``barlow pretrain`` checkpoint (strict key check)."""
+    from barlow import checkpoint
+
+    state = checkpoint.load_checkpoint(path)
+    for key in ("config", "method"):
+        if key not in state:
+            raise ValueError(f"{path} is not a barlow pretraining checkpoint (no {key!r} entry)")
+    cfg = from_dict(state["config"])
+    info = data.dataset_info(cfg.data.dataset)
+    crop = cfg.data.crop_size or info.image_size
+    method = create_method(cfg, in_channels=info.channels, image_size=crop)
+    missing, unexpected = method.load_state_dict(state["method"], strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not match {cfg.method.name}/{cfg.model.backbone}: "
+            f"missing keys {list(missing)[:5]}, unexpected keys {list(unexpected)[:5]}"
+        )
+    return method, cfg, state
+
+
+def _eval_setup(
+    path: str | Path, dataset: str | None, root: str | None, overrides: Sequence[str]
+) -> tuple[Method, Config, EvalData, torch.device]:
+    method, cfg, _ = load_pretrained(path)
+    if overrides:
+        cfg = from_dict(apply_overrides(cfg.to_dict(), overrides))
+    info = data.dataset_info(cfg.data.dataset)
+    crop = cfg.data.crop_size or info.image_size
+    eval_data = EvalData.build(
+        dataset or cfg.data.dataset,
+        root=root if dataset else (root or cfg.data.root),
+        download=cfg.data.download,
+        crop_size=crop,
+        num_workers=cfg.data.num_workers,
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return method.to(device), cfg, eval_data, device
+
+
+def run_knn(
+    path: str | Path, *, dataset: str | None = None, root: str | None = None, overrides: Sequence[str] = ()
+) -> dict[str, float]:
+    """`barlow knn`: weighted kNN accuracy, printed and merged into metrics.json beside the checkpoint."""
+    method, cfg, eval_data, device = _eval_setup(path, dataset, root, overrides)
+    train = eval_data.features(method.backbone, "train", device=device, batch_size=cfg.eval.batch_size, progress=True)
+    test = eval_data.features(method.backbone, "test", device=device, batch_size=cfg.eval.batch_size, progress=True)
+    acc = evaluate.knn_accuracy(
+        train, test, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, num_classes=eval_data.num_classes
+    )
+    result = {"knn_top1": acc, "k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature}
+    print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): {100 * acc:.2f} %")
+    evaluate.write_metrics(Path(path).parent / "metrics.json", {"knn": result})
+    return result
+
+
+def run_linear(
+    path: str | Path,
+    *,
+    dataset: str | None = None,
+    root: str | None = None,
+    protocol: str = "probe",
+    overrides: Sequence[str] = (),
+) -> dict[str, float]:
+    """`barlow linear`: fast probe on frozen features, or the paper's protocol with augmentation."""
+    method, cfg, eval_data, device = _eval_setup(path, dataset, root, overrides)
+    backbone = method.backbone
+    if protocol == "probe":
+        train = eval_data.features(backbone, "train", device=device, batch_size=cfg.eval.batch_size, progress=True)
+        test = eval_data.features(backbone, "test", device=device, batch_size=cfg.eval.batch_size, progress=True)
+        result = evaluate.linear_probe(train, test, epochs=cfg.eval.probe_epochs, seed=cfg.train.seed)
+        print(f"linear probe top-1: {100 * result['test_acc']:.2f} %")
+    elif protocol == "paper":
+        pre = eval_data.preprocess
+        result = evaluate.linear_eval(
+            backbone,
+            eval_data.shuffled_batches("train", cfg.eval.batch_size, seed=cfg.train.seed),
+            _Replayable(lambda: eval_data.batches("test", cfg.eval.batch_size)),
+            num_classes=eval_data.num_classes,
+            feature_dim=int(backbone.num_features),  # type: ignore[arg-type]
+            device=device,
+            train_transform=LinearEvalAugment(eval_data.crop_size, pre.mean, pre.std),
+            test_preprocess=pre,
+            epochs=cfg.eval.protocol_epochs,
+            lr=cfg.eval.protocol_lr,
+            progress=True,
+        )
+        print(f"linear evaluation (paper protocol) top-1: {100 * result['top1']:.2f} %")
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}; choose probe or paper")
+    evaluate.write_metrics(Path(path).parent / "metrics.json", {f"linear_{protocol}": result})
+    return result
+
+
+class _Replayable:
+    """Turns a generator function into an iterable that can be walked more than once."""
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.make())
