@@ -165,7 +165,9 @@ def parameter_groups(
     if not weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if not bias_lr_scale >= 0:
-        raise ValueError(f"bias_lr_scale must be >= 0 (official recipe: 0.024), got {bias_lr_scale!r}")
+        raise ValueError(
+            f"bias_lr_scale must be >= 0 (official recipe: 0.024), got {bias_lr_scale!r}"
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
     weights = [p for p in trainable if not _is_bias_or_norm(p)]
     biases = [p for p in trainable if _is_bias_or_norm(p)]
@@ -187,7 +189,7 @@ def build_optimizer(
     eta: float = 0.001,
     betas: tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
-    """LARS, SGD (with momentum) or AdamW over :func:`parameter_groups`, lr already scaled per group.
+    """LARS, SGD (with momentum) or AdamW over :func:`parameter_groups`, lr scaled per group.
 
     ``lr`` is the base (weights) rate at this moment; the training loop overwrites it each step
     with :func:`set_learning_rate`.

@@ -1,0 +1,346 @@
+"""Atomic checkpoint writes, validated ``weights_only`` loads, RNG state, and backbone export.
+
+A checkpoint is a dict of plain values (tensors, numbers, strings, ``None``, lists, tuples,
+dicts) stamped with ``format_version``. Plain values are what ``torch.load(weights_only=True)``
+can rebuild without running code from the file, so loading someone else's checkpoint never
+executes it. Writes go to a temporary file in the same directory and are renamed over the
+target, so a crash or a full disk leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import tempfile
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+FORMAT_VERSION: int = 1
+
+_PLAIN_SCALARS = (bool, int, float, complex, str, bytes, type(None))
+_PLAIN_KEYS = (str, int, float, bool, type(None))
+_PLAIN_MAPPINGS = (dict, OrderedDict)  # OrderedDict: what nn.Module.state_dict() returns
+_PLAIN_SEQUENCES = (list, tuple)
+_PLAIN_TENSORS = (Tensor, nn.Parameter)
+
+
+def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
+    """Write ``state`` plus ``format_version`` to ``path`` atomically.
+
+    Refuses, before touching the disk, values ``torch.load(weights_only=True)`` could not read
+    back (TypeError) and non-finite floating tensors (ValueError), naming the key path. Parent
+    directories are created.
+    """
+    path = Path(path)
+    if state.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise ValueError(
+            f"state['format_version'] is {state['format_version']!r} but this barlow writes "
+            f"version {FORMAT_VERSION}; leave the key out and save_checkpoint stamps it"
+        )
+    payload = {**state, "format_version": FORMAT_VERSION}
+    check_plain(payload)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, lambda file: torch.save(payload, file))
+
+
+def load_checkpoint(
+    path: str | Path, *, map_location: str | torch.device = "cpu"
+) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    Raises FileNotFoundError if ``path`` is missing, ValueError if it is not a readable barlow
+    checkpoint (truncated, corrupt, holding code objects, or without ``format_version``).
+    """
+    path = Path(path)
+    state = _weights_only_load(path, map_location)
+    if not isinstance(state, dict) or "format_version" not in state:
+        raise ValueError(
+            f"{path} is not a barlow checkpoint: expected a dict with 'format_version', "
+            f"got {type(state).__name__}"
+            + (f" with keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) else "")
+        )
+    version = state["format_version"]
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has checkpoint format_version {version!r}, newer than this barlow reads "
+            f"({FORMAT_VERSION}); upgrade barlow to load it"
+        )
+    return state
+
+
+def check_plain(value: Any, key_path: str = "state") -> None:
+    """Raise unless ``value`` is built only from plain types and its float tensors are finite.
+
+    The error names the offending entry as a key path, e.g. ``state['model']['fc.weight']``.
+    """
+    if isinstance(value, Tensor):
+        if type(value) not in _PLAIN_TENSORS:
+            raise TypeError(f"{key_path} is a {type(value).__name__}; save a plain torch.Tensor")
+        floating = value.is_floating_point() or value.is_complex()
+        if floating and not bool(torch.isfinite(value).all()):
+            raise ValueError(
+                f"{key_path} holds NaN or infinite values; refusing to write a checkpoint "
+                "that cannot be resumed (the run diverged before this save)"
+            )
+    elif type(value) in _PLAIN_MAPPINGS:
+        for key, item in value.items():
+            if type(key) not in _PLAIN_KEYS:
+                raise TypeError(
+                    f"{key_path} has a key of type {type(key).__name__} ({key!r}); "
+                    "use str or int keys"
+                )
+            check_plain(item, f"{key_path}[{key!r}]")
+    elif type(value) in _PLAIN_SEQUENCES:
+        for index, item in enumerate(value):
+            check_plain(item, f"{key_path}[{index}]")
+    elif type(value) not in _PLAIN_SCALARS:
+        raise TypeError(
+            f"{key_path} is a {type(value).__module__}.{type(value).__qualname__}; checkpoints "
+            "hold only tensors, numbers, str, bytes, None, lists, tuples and dicts, so they load "
+            "with weights_only=True (convert it, e.g. dataclasses.asdict or torch.from_numpy)"
+        )
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states of torch (CPU and every CUDA device), numpy and ``random``.
+
+    Returned as plain values, so it can go into a checkpoint.
+    """
+    numpy_state = np.random.get_state(legacy=False)
+    python_version, python_internal, python_gauss = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "bit_generator": str(numpy_state["bit_generator"]),
+            "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+            "pos": int(numpy_state["state"]["pos"]),
+            "has_gauss": int(numpy_state["has_gauss"]),
+            "gauss": float(numpy_state["gauss"]),
+        },
+        "python": {
+            "version": python_version,
+            "internal": list(python_internal),
+            "gauss_next": python_gauss,
+        },
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore the RNG states captured by :func:`rng_state`.
+
+    CUDA states are restored for the devices present in both the state and this machine; a
+    different device count only warns, since resuming on other hardware is legitimate.
+    """
+    missing = {"torch", "numpy", "python"} - set(state)
+    if missing:
+        raise ValueError(f"RNG state lacks {sorted(missing)}; pass what rng_state() returned")
+    torch.set_rng_state(state["torch"].cpu())
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": numpy_state["bit_generator"],
+            "state": {
+                "key": numpy_state["key"].cpu().numpy().astype(np.uint32),
+                "pos": numpy_state["pos"],
+            },
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        }
+    )
+    python_state = state["python"]
+    random.setstate(
+        (python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"])
+    )
+    _set_cuda_rng_state(state.get("cuda"))
+
+
+def _set_cuda_rng_state(cuda_states: list[Tensor] | None) -> None:
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    saved = len(cuda_states) if cuda_states is not None else 0
+    if saved != available:
+        warnings.warn(
+            f"RNG state holds {saved} CUDA device(s), this machine has {available}: CUDA random "
+            "streams are restored for the first min of the two only",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    for device, device_state in enumerate((cuda_states or [])[:available]):
+        torch.cuda.set_rng_state(device_state.cpu(), device=device)
+
+
+def load_backbone_weights(module: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Load ``state_dict`` into ``module`` strictly, with one error listing every mismatch.
+
+    Raises ValueError naming missing and unexpected keys (first few, with counts) and shape
+    mismatches, and a prefix to strip or add when that explains them (e.g. ``module.``).
+    """
+    expected = module.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    mismatched = [
+        f"{key}: file {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
+        for key, value in state_dict.items()
+        if key in expected and tuple(value.shape) != tuple(expected[key].shape)
+    ]
+    problems = [
+        _listing("missing keys", missing),
+        _listing("unexpected keys", unexpected),
+        _listing("shape mismatches", mismatched),
+    ]
+    problems = [problem for problem in problems if problem]
+    if problems:
+        hint = _prefix_hint(missing, unexpected)
+        raise ValueError(
+            f"weights do not fit {type(module).__name__}: " + "; ".join(problems) + hint
+        )
+    module.load_state_dict(dict(state_dict), strict=True)
+
+
+def export_backbone(state_dict: Mapping[str, Tensor], path: str | Path) -> None:
+    """Write backbone weights alone, atomically: safetensors for a ``.safetensors`` path,
+    otherwise a ``torch.save`` of a flat ``{name: tensor}`` dict (loadable with weights_only).
+
+    The format follows the file name so the file says what it is; read either with
+    :func:`load_exported_backbone`.
+    """
+    path = Path(path)
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor):
+            raise TypeError(f"state_dict[{key!r}] is a {type(value).__name__}, not a tensor")
+    check_plain(dict(state_dict), "state_dict")
+    # clone: a view would otherwise drag its whole storage into the file, and safetensors
+    # refuses tensors that share memory
+    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state_dict.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        safetensors_torch = _import_safetensors()
+        data = safetensors_torch.save(tensors, metadata={"format": "pt"})
+        _atomic_write(path, lambda file: file.write(data))
+    else:
+        _atomic_write(path, lambda file: torch.save(tensors, file))
+
+
+def load_exported_backbone(path: str | Path) -> dict[str, Tensor]:
+    """Read weights written by :func:`export_backbone` (either format) onto the CPU."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        _require_file(path)
+        safetensors_torch = _import_safetensors()
+        try:
+            tensors: dict[str, Tensor] = safetensors_torch.load_file(str(path), device="cpu")
+        except Exception as error:
+            raise ValueError(f"cannot read safetensors file {path}: {error}") from error
+        return tensors
+    state = _weights_only_load(path, "cpu")
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not an exported backbone (a dict of tensors)")
+    return state
+
+
+def _weights_only_load(path: Path, map_location: str | torch.device) -> Any:
+    _require_file(path)
+    try:
+        # weights_only=True always: the unpickler rebuilds tensors and plain containers only
+        # and refuses anything else, so a malicious file cannot run code. No fallback.
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError:
+        raise
+    except Exception as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        raise ValueError(
+            f"cannot read checkpoint {path}: {reason}. The file may be truncated by an "
+            "interrupted write, corrupt, or a pickle holding objects other than tensors and "
+            "plain values (it was not executed)"
+        ) from error
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file; pass the checkpoint file, e.g. {path}/last.pt")
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write via a same-directory temp file, fsync, rename over ``path``, fsync the directory."""
+    temp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, kept on success)
+        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    try:
+        with temp:
+            write(temp)
+            temp.flush()
+            os.fsync(temp.fileno())
+        # NamedTemporaryFile is 0600; give the checkpoint the mode a plain open() would
+        os.chmod(temp.name, 0o666 & ~_umask())
+        os.replace(temp.name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp.name)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # makes the rename itself durable; directories cannot be opened this way on Windows
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    # /proc avoids os.umask's set-and-restore, which races with threads creating files
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _import_safetensors() -> Any:
+    try:
+        import safetensors.torch
+    except ImportError as error:
+        raise ImportError(
+            "writing or reading .safetensors needs the safetensors package: "
+            "pip install safetensors, or use a .pt path"
+        ) from error
+    return safetensors.torch
+
+
+def _listing(label: str, items: list[str], shown: int = 5) -> str:
+    if not items:
+        return ""
+    more = f", … {len(items) - shown} more" if len(items) > shown else ""
+    return f"{len(items)} {label} ({', '.join(items[:shown])}{more})"
+
+
+def _prefix_hint(missing: list[str], unexpected: list[str]) -> str:
+    """Suggest stripping/adding a key prefix (``module.``, ``backbone.``) when that explains all."""
+    if not missing or not unexpected:
+        return ""
+    for have, want, verb in ((unexpected, missing, "strip"), (missing, unexpected, "add")):
+        first = want[0]
+        for key in have:
+            if key.endswith("." + first):
+                prefix = key[: -len(first)]
+                if {prefix + key_ for key_ in want} <= set(have):
+                    return f". Hint: {verb} the prefix {prefix!r} on the file's keys"
+    return ""

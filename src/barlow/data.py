@@ -1,0 +1,579 @@
+"""Datasets, their facts, and the in-memory fast path.
+
+Every dataset yields ``(image, label)``: ``image`` a uint8 tensor (C, H, W) with the dataset's
+channels (1 for digits and Fashion-MNIST, 3 otherwise) and ``label`` an int, −1 when unlabelled.
+Small datasets (digits, Fashion-MNIST, CIFAR, STL-10) live in memory as one (N, C, H, W) tensor;
+image folders decode one file per item with PIL.
+
+Nothing is downloaded unless ``download=True`` (``--set data.download=true``); a missing dataset
+fails with the command or flag that gets it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import gzip
+import os
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.datasets as tv_datasets
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+
+Split = Literal["train", "test", "unlabeled"]
+SPLITS: tuple[str, ...] = ("train", "test", "unlabeled")
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Facts about a dataset, kept here so recipes name a dataset instead of copying them."""
+
+    name: str
+    channels: int
+    image_size: int  # side length of training crops
+    mean: tuple[float, ...]  # per channel, in [0, 1] units, over the training images
+    std: tuple[float, ...]
+    num_classes: int | None
+    train_size: int | None  # images in the "train" split (None: depends on the folder)
+    source: str  # where the data comes from and how to get it
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo(
+            "digits",
+            channels=1,
+            image_size=16,
+            # Measured on the 16×16 train split (test_data.py recomputes them).
+            mean=(0.3054,),
+            std=(0.3186,),
+            num_classes=10,
+            train_size=1437,
+            source="scikit-learn's bundled load_digits (1797 8×8 images, upsampled to 16×16); "
+            "no download",
+        ),
+        DatasetInfo(
+            "fashion-mnist",
+            channels=1,
+            image_size=28,
+            mean=(0.2860,),
+            std=(0.3530,),
+            num_classes=10,
+            train_size=60000,
+            source="IDX files: apt-get install dataset-fashion-mnist (/usr/share/datasets/"
+            "fashion-mnist), --data-root DIR, or --set data.download=true",
+        ),
+        DatasetInfo(
+            "cifar10",
+            channels=3,
+            image_size=32,
+            mean=(0.4914, 0.4822, 0.4465),
+            std=(0.2470, 0.2435, 0.2616),
+            num_classes=10,
+            train_size=50000,
+            source="torchvision CIFAR10 (cifar-10-batches-py/); --set data.download=true gets it",
+        ),
+        DatasetInfo(
+            "cifar100",
+            channels=3,
+            image_size=32,
+            mean=(0.5071, 0.4865, 0.4409),
+            std=(0.2673, 0.2564, 0.2762),
+            num_classes=100,
+            train_size=50000,
+            source="torchvision CIFAR100 (cifar-100-python/); --set data.download=true gets it",
+        ),
+        DatasetInfo(
+            "stl10",
+            channels=3,
+            image_size=96,
+            mean=(0.4467, 0.4398, 0.4066),
+            std=(0.2603, 0.2566, 0.2713),
+            num_classes=10,
+            train_size=5000,  # split "unlabeled" adds the 100 000 unlabelled images
+            source="torchvision STL10 (stl10_binary/); --set data.download=true gets it",
+        ),
+        DatasetInfo(
+            "imagenet",
+            channels=3,
+            image_size=224,
+            mean=_IMAGENET_MEAN,
+            std=_IMAGENET_STD,
+            num_classes=1000,
+            train_size=1281167,
+            source="ILSVRC-2012 from image-net.org, unpacked as --data-root DIR with "
+            "DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG",
+        ),
+        DatasetInfo(
+            "folder",
+            channels=3,
+            image_size=224,
+            mean=_IMAGENET_MEAN,
+            std=_IMAGENET_STD,
+            num_classes=None,
+            train_size=None,
+            source="any directory of images: DIR/<class>/*.jpg (labelled), images anywhere "
+            "under DIR (unlabelled), or DIR/train/ + DIR/val/",
+        ),
+    )
+}
+
+
+def dataset_info(name_or_path: str) -> DatasetInfo:
+    """The facts of a named dataset; an existing directory gives the ``"folder"`` facts."""
+    if name_or_path in DATASETS:
+        return DATASETS[name_or_path]
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return DATASETS["folder"]
+    if path.exists() or os.sep in name_or_path or "/" in name_or_path:
+        raise FileNotFoundError(
+            f"dataset {name_or_path!r} is not a directory; give a directory of images or one of "
+            f"{', '.join(DATASETS)}"
+        )
+    close = difflib.get_close_matches(name_or_path, DATASETS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(
+        f"unknown dataset {name_or_path!r}; {hint}choose one of {', '.join(DATASETS)} "
+        "or give a directory of images"
+    )
+
+
+def _default_root(name: str) -> Path:
+    """Where a dataset is looked for and downloaded to when no root is given."""
+    base = os.environ.get("BARLOW_DATA")
+    return (Path(base).expanduser() if base else Path.home() / ".cache" / "barlow") / name
+
+
+# ---------------------------------------------------------------------------------------------
+# In-memory datasets
+
+
+class TensorImages(Dataset[tuple[Tensor, int]]):
+    """Images held in memory: uint8 ``images`` (N, C, H, W) and int64 ``labels`` (N,), −1 when
+    unlabelled."""
+
+    def __init__(self, images: Tensor, labels: Tensor, classes: list[str]) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4 or labels.shape != images.shape[:1]:
+            raise ValueError(
+                f"expected uint8 images (N, C, H, W) and labels (N,), got {images.dtype} "
+                f"{tuple(images.shape)} and {tuple(labels.shape)}"
+            )
+        self.images, self.labels, self.classes = images, labels.long(), classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+    @property
+    def labelled(self) -> bool:
+        return len(self) > 0 and bool((self.labels >= 0).all())
+
+
+def _digits(split: Split) -> TensorImages:
+    """scikit-learn's 8×8 digits, scaled to 0..255 and upsampled once to 16×16 (bilinear).
+
+    Split 80/20, stratified, ``random_state=0``; "unlabeled" is the train split.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    # Pixel values are 0..16; scaling is linear, so scaling before interpolation and rounding
+    # once gives the same uint8 as rounding twice, minus the double rounding error.
+    pixels = torch.from_numpy(bunch.images).float().unsqueeze(1) * (255.0 / 16.0)
+    upsampled = F.interpolate(pixels, size=(16, 16), mode="bilinear", align_corners=False)
+    images = upsampled.round().clamp(0, 255).to(torch.uint8)
+    labels = torch.from_numpy(bunch.target).long()
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=0.2, random_state=0, stratify=bunch.target
+    )
+    keep = torch.from_numpy(np.sort(test_idx if split == "test" else train_idx))
+    return TensorImages(images[keep].contiguous(), labels[keep], [str(d) for d in range(10)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST: IDX files
+
+# Debian's dataset-fashion-mnist package; a module constant so tests can point it elsewhere.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+_IDX_DTYPES: dict[int, np.dtype[Any]] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (raw or gzip-compressed, detected from its bytes) into a numpy array.
+
+    Layout: two zero bytes, a type code, the number of dimensions ``d``, ``d`` big-endian uint32
+    sizes, then the values in C order. A bad header or a size mismatch raises ValueError naming
+    the file.
+    """
+    path = Path(path)
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as e:
+            raise ValueError(
+                f"{path}: corrupt or truncated gzip data ({e}); delete it and fetch it again"
+            ) from e
+    if len(raw) < 4 or raw[:2] != b"\x00\x00" or raw[2] not in _IDX_DTYPES:
+        raise ValueError(
+            f"{path} is not an IDX file (magic bytes {raw[:4].hex() or 'missing'}); "
+            "delete it and fetch it again"
+        )
+    dtype, ndim = _IDX_DTYPES[raw[2]], raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header; delete it and fetch it again")
+    shape = tuple(int(n) for n in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        raise ValueError(
+            f"{path}: IDX shape {shape} needs {expected} bytes but the file holds {len(raw)} "
+            "(truncated or corrupt); delete it and fetch it again"
+        )
+    values = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return values.astype(dtype.newbyteorder("="))  # a native-order, writable copy
+
+
+def _idx_file(directory: Path, stem: str) -> Path | None:
+    """``stem`` in ``directory``, uncompressed preferred (faster to read), else ``stem.gz``."""
+    for candidate in (directory / stem, directory / f"{stem}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _fashion_mnist_dirs(root: str | Path | None) -> list[Path]:
+    """Directories searched, in order; each also in torchvision's ``FashionMNIST/raw`` layout."""
+    bases = [Path(root).expanduser()] if root is not None else []
+    bases += [_default_root("fashion-mnist"), DEBIAN_FASHION_MNIST]
+    return [d for base in bases for d in (base, base / "FashionMNIST" / "raw")]
+
+
+def _first_idx_pair(directories: list[Path], stems: tuple[str, str]) -> tuple[Path, Path] | None:
+    """The images and labels files from the first directory that holds both."""
+    for directory in directories:
+        images_file, labels_file = (_idx_file(directory, stem) for stem in stems)
+        if images_file is not None and labels_file is not None:
+            return images_file, labels_file
+    return None
+
+
+def _fashion_mnist(split: Split, root: str | Path | None, download: bool) -> TensorImages:
+    prefix = "t10k" if split == "test" else "train"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    searched = _fashion_mnist_dirs(root)
+    found = _first_idx_pair(searched, stems)
+    if found is None and download:
+        download_root = _default_root("fashion-mnist") if root is None else Path(root).expanduser()
+        # torchvision fetches the four .gz files (md5-checked) into download_root/FashionMNIST/raw.
+        tv_datasets.FashionMNIST(str(download_root), train=split != "test", download=True)
+        found = _first_idx_pair(searched, stems)
+    if found is not None:
+        return _fashion_mnist_arrays(*found)
+    places = "\n  ".join(str(d) for d in searched)
+    raise FileNotFoundError(
+        f"Fashion-MNIST {prefix} files ({stems[0]}[.gz], {stems[1]}[.gz]) not found; looked in:\n"
+        f"  {places}\n"
+        "Get them with one of: `apt-get install dataset-fashion-mnist`; "
+        "`--data-root DIR` (a directory holding the four IDX files); "
+        "`--set data.download=true` (downloads with torchvision)"
+    )
+
+
+def _fashion_mnist_arrays(images_file: Path, labels_file: Path) -> TensorImages:
+    images, labels = read_idx(images_file), read_idx(labels_file)
+    if images.ndim != 3 or images.dtype != np.uint8 or labels.ndim != 1:
+        raise ValueError(
+            f"{images_file} / {labels_file}: expected uint8 images (N, H, W) and labels (N,), "
+            f"got {images.dtype} {images.shape} and {labels.shape}"
+        )
+    if len(images) != len(labels) or (len(labels) and not 0 <= labels.min() <= labels.max() < 10):
+        raise ValueError(
+            f"{images_file} holds {len(images)} images but {labels_file} holds {len(labels)} "
+            "labels (or labels outside 0..9); fetch both files again"
+        )
+    classes = list(tv_datasets.FashionMNIST.classes)
+    return TensorImages(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels), classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 / CIFAR-100 / STL-10 through torchvision
+
+# name → (torchvision class, the folder it keeps its files in under root)
+_TORCHVISION = {
+    "cifar10": ("CIFAR10", "cifar-10-batches-py"),
+    "cifar100": ("CIFAR100", "cifar-100-python"),
+    "stl10": ("STL10", "stl10_binary"),
+}
+
+
+def _torchvision_dataset(
+    name: str, split: Split, root: str | Path | None, download: bool
+) -> TensorImages:
+    """CIFAR-10/100 or STL-10 as in-memory uint8 (N, 3, H, W); STL-10 "unlabeled" is
+    train+unlabeled with label −1 on the unlabelled images."""
+    directory = Path(root).expanduser() if root is not None else _default_root(name)
+    class_name, folder = _TORCHVISION[name]
+    dataset_cls: Any = getattr(tv_datasets, class_name)
+    if name == "stl10":
+        kwargs: dict[str, Any] = {"split": "train+unlabeled" if split == "unlabeled" else split}
+    else:
+        kwargs = {"train": split != "test"}
+    try:
+        dataset = dataset_cls(str(directory), download=download, **kwargs)
+    except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
+        raise FileNotFoundError(
+            f"{name} not found or incomplete in {directory / folder}; download it to "
+            f"{directory} with `--set data.download=true`, or point `--data-root DIR` at the "
+            f"directory holding {folder}/"
+        ) from e
+    if name == "stl10":
+        images = torch.from_numpy(dataset.data)  # already (N, 3, 96, 96), possibly a strided view
+        labels = torch.from_numpy(np.asarray(dataset.labels))
+    else:
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)  # (N, 32, 32, 3) → NCHW
+        labels = torch.as_tensor(dataset.targets)
+    classes = list(getattr(dataset, "classes", []))
+    return TensorImages(images.contiguous(), labels, classes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders
+
+
+class CorruptImageError(ValueError):
+    """An image file PIL cannot decode; the message names the file."""
+
+
+# PIL's own conversion of 16-bit greyscale to 8 bits clips at 255 instead of scaling; mode "I"
+# is how some Pillow versions open 16-bit PNG/TIFF greyscale, so it is read as 16-bit too.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _rgb_array(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8 from any PIL mode (L, LA, P, RGBA, CMYK, I;16, …)."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if image.mode in ("P", "PA") and "transparency" in image.info:
+        # PIL warns when a palette with transparency goes to RGB directly.
+        image = image.convert("RGBA")
+    return np.array(image.convert("RGB"))
+
+
+def read_image(path: str | Path) -> Tensor:
+    """Decode an image file to a uint8 RGB tensor (3, H, W).
+
+    Raises CorruptImageError naming the file when it cannot be decoded, is truncated, or exceeds
+    PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, kept at PIL's default).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                rgb = _rgb_array(image)
+    # Any failure while decoding this one file is about this file (PIL plugins raise OSError,
+    # SyntaxError, ValueError, struct.error, …); name it so the user can remove it.
+    except Exception as e:
+        raise CorruptImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+class ImageFiles(Dataset[tuple[Tensor, int]]):
+    """Image files decoded with PIL on access; ``samples`` holds (path, label), −1 unlabelled."""
+
+    def __init__(self, root: Path, samples: list[tuple[str, int]], classes: list[str]) -> None:
+        self.root, self.samples, self.classes = root, samples, classes
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, label = self.samples[index]
+        return read_image(path), label
+
+    @property
+    def labelled(self) -> bool:
+        return bool(self.classes) and bool(self.samples)
+
+
+def _is_image(filename: str) -> bool:
+    return has_file_allowed_extension(filename, IMG_EXTENSIONS)
+
+
+def _contains_image(directory: str) -> bool:
+    return any(any(map(_is_image, files)) for _, _, files in os.walk(directory, followlinks=True))
+
+
+def _class_folders(directory: Path) -> list[str]:
+    """Sorted class subfolders (non-hidden, holding images), or [] when images sit at the top."""
+    entries = list(os.scandir(directory))
+    if any(e.is_file() and _is_image(e.name) for e in entries):
+        return []
+    return sorted(
+        e.name
+        for e in entries
+        if e.is_dir() and not e.name.startswith(".") and _contains_image(e.path)
+    )
+
+
+def _all_images(directory: Path) -> list[str]:
+    """Every image under ``directory``, recursively, in sorted order, hidden folders skipped."""
+    paths: list[str] = []
+    for parent, subdirs, files in os.walk(directory, followlinks=True):
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        paths += [os.path.join(parent, f) for f in sorted(files) if _is_image(f)]
+    return paths
+
+
+def _layout_hint(directory: Path) -> str:
+    return (
+        f"expected {directory}/<class>/*.jpg (labelled, one folder per class) or image files "
+        f"anywhere under {directory} (unlabelled); extensions: {', '.join(IMG_EXTENSIONS)}"
+    )
+
+
+def image_folder(directory: str | Path, *, classes: list[str] | None = None) -> ImageFiles:
+    """The images of a folder: labelled by class subfolders (sorted, as torchvision's
+    ImageFolder) when it has them, else every image found recursively with label −1.
+
+    ``classes`` fixes the class order (a test split reuses its train split's, so a class missing
+    from one split does not shift the labels of the others).
+    """
+    directory = Path(directory).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"image folder {directory} is missing; {_layout_hint(directory)}")
+    found = _class_folders(directory)
+    if found:
+        classes = classes or found
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(
+                f"{directory} has class folders {unknown} that its train split lacks; "
+                "give both splits the same classes"
+            )
+        class_to_idx = {c: i for i, c in enumerate(classes)}
+        samples = make_dataset(
+            str(directory),
+            {c: class_to_idx[c] for c in found},
+            extensions=IMG_EXTENSIONS,
+            allow_empty=True,
+        )
+        dataset = ImageFiles(directory, samples, list(classes))
+    else:
+        dataset = ImageFiles(directory, [(p, -1) for p in _all_images(directory)], [])
+    if not dataset.samples:
+        raise FileNotFoundError(f"no images found in {directory}; {_layout_hint(directory)}")
+    return dataset
+
+
+def _folder_split(base: Path, split: Split) -> ImageFiles:
+    """``base/train`` and ``base/val`` (or ``base/test``) when ``base/train`` exists, else
+    ``base`` itself as the only (train) split."""
+    train_dir = base / "train"
+    if not train_dir.is_dir():
+        if split == "test":
+            raise FileNotFoundError(
+                f"{base} has no train/ and val/ (or test/) folders, so it has no test split; "
+                f"lay it out as {base}/train/<class>/*.jpg and {base}/val/<class>/*.jpg"
+            )
+        return image_folder(base)
+    if split != "test":
+        return image_folder(train_dir)
+    test_dir = next((base / d for d in ("val", "test") if (base / d).is_dir()), None)
+    if test_dir is None:
+        raise FileNotFoundError(
+            f"{base} has train/ but no val/ or test/ folder; add {base}/val/<class>/*.jpg"
+        )
+    return image_folder(test_dir, classes=_class_folders(train_dir) or None)
+
+
+def _imagenet(split: Split, root: str | Path | None) -> ImageFiles:
+    base = Path(root).expanduser() if root is not None else _default_root("imagenet")
+    if not (base / "train").is_dir():
+        raise FileNotFoundError(
+            f"ImageNet not found: {base}/train does not exist; barlow cannot download ImageNet. "
+            f"Get ILSVRC-2012 from image-net.org and pass `--data-root DIR` with "
+            "DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG"
+        )
+    dataset = _folder_split(base, split)
+    if not dataset.labelled:
+        raise ValueError(
+            f"ImageNet images in {dataset.root} are not in class folders; sort them into "
+            f"{dataset.root}/<wnid>/*.JPEG (the official validation images come flat)"
+        )
+    return dataset
+
+
+# ---------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def build_dataset(
+    name_or_path: str,
+    *,
+    split: Split = "train",
+    root: str | Path | None = None,
+    download: bool = False,
+) -> Dataset[tuple[Tensor, int]]:
+    """The ``split`` of a named dataset or of a directory of images.
+
+    ``split="unlabeled"`` means "the images for pretraining": STL-10's train+unlabeled (labels −1
+    on the 100 000 unlabelled images), the train split elsewhere. ``root`` is the directory holding
+    the dataset's files (default ``$BARLOW_DATA/<name>`` or ``~/.cache/barlow/<name>``); it is
+    ignored when ``name_or_path`` is itself a directory. ``download`` lets torchvision fetch
+    Fashion-MNIST, CIFAR and STL-10.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    name = dataset_info(name_or_path).name
+    if name == "digits":
+        return _digits(split)
+    if name == "fashion-mnist":
+        return _fashion_mnist(split, root, download)
+    if name in _TORCHVISION:
+        return _torchvision_dataset(name, split, root, download)
+    if name == "imagenet":
+        return _imagenet(split, root)
+    if name_or_path == "folder":
+        if root is None:
+            raise ValueError("dataset 'folder' needs its directory: pass `--data-root DIR`")
+        return _folder_split(Path(root).expanduser(), split)
+    return _folder_split(Path(name_or_path).expanduser(), split)
+
+
+def labelled(dataset: Dataset[Any]) -> bool:
+    """Whether every image of a dataset built here has a label (≥ 0)."""
+    return bool(getattr(dataset, "labelled", False))
+
+
+def in_memory_images(dataset: Dataset[Any]) -> tuple[Tensor, Tensor] | None:
+    """(uint8 images (N, C, H, W), int64 labels (N,)) of an in-memory dataset, else None."""
+    if isinstance(dataset, TensorImages):
+        return dataset.images, dataset.labels
+    return None
