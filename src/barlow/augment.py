@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,13 +49,28 @@ class ViewSpec:
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"ViewSpec.{name} must be a probability in [0, 1], got {p}")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ViewSpec.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"ViewSpec.hue must be in [0, 0.5], got {self.hue}")
         lo, hi = self.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"ViewSpec.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+            raise ValueError(
+                f"ViewSpec.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}"
+            )
+        for name in ("crop_ratio", "blur_sigma"):
+            lo, hi = getattr(self, name)
+            if not 0.0 < lo <= hi:
+                raise ValueError(
+                    f"ViewSpec.{name} must satisfy 0 < min <= max, got {getattr(self, name)}"
+                )
         if self.crop_size < 4:
             raise ValueError(f"ViewSpec.crop_size must be >= 4 px, got {self.crop_size}")
         if len(self.mean) != len(self.std):
             raise ValueError(f"ViewSpec mean {self.mean} and std {self.std} differ in length")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"ViewSpec.std must be > 0 per channel, got {self.std}")
 
     @property
     def blur_kernel(self) -> int:
@@ -146,6 +160,11 @@ class MultiView:
 
 def normalize_batch(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """uint8 or [0, 1] float (B, C, H, W) → normalised float32, on the images' device."""
+    if images.ndim != 4 or images.shape[1] != len(mean) or len(mean) != len(std):
+        raise ValueError(
+            f"normalize_batch needs (B, C, H, W) images with C = len(mean) = len(std); got shape "
+            f"{tuple(images.shape)}, mean {tuple(mean)}, std {tuple(std)}"
+        )
     x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
     m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
@@ -173,7 +192,9 @@ class EvalPreprocess:
 
 def eval_sample_transform(crop_size: int) -> v2.Compose:
     """Per-sample resize (shorter side to crop·256/224) and centre crop, uint8 kept."""
-    return v2.Compose([v2.Resize(round(crop_size * 256 / 224), antialias=True), v2.CenterCrop(crop_size)])
+    return v2.Compose(
+        [v2.Resize(round(crop_size * 256 / 224), antialias=True), v2.CenterCrop(crop_size)]
+    )
 
 
 class LinearEvalAugment:
@@ -182,10 +203,11 @@ class LinearEvalAugment:
 
     def __init__(self, crop_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         spec = ViewSpec(crop_size=crop_size, mean=tuple(mean), std=tuple(std))
+        # Bilinear, as the released evaluation code (torchvision's default); pretraining is bicubic.
         self.crop = v2.Compose(
             [
                 v2.RandomResizedCrop(
-                    crop_size, scale=spec.crop_scale, interpolation=InterpolationMode.BICUBIC
+                    crop_size, scale=spec.crop_scale, interpolation=InterpolationMode.BILINEAR
                 ),
                 v2.RandomHorizontalFlip(),
             ]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
 
@@ -33,7 +32,7 @@ class ResNetTrunk(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """A 4-block conv net for 16–32 px images on a CPU (≈1.2 M parameters, 256 features).
+    """A 4-block conv net for 16–32 px images on a CPU (≈0.39 M parameters, 256 features).
 
     Each block is Conv3×3-BN-ReLU; blocks 2 and 3 halve the resolution; global average pooling.
     """
@@ -66,6 +65,8 @@ def create_backbone(name: str, *, in_channels: int = 3, small_images: bool = Fal
     The returned module maps (B, C, H, W) images to (B, num_features) features and exposes
     ``.num_features``.
     """
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1 (1 grayscale, 3 RGB), got {in_channels}")
     if name in _RESNETS:
         return ResNetTrunk(name, in_channels=in_channels, small_images=small_images)
     if name == "small_cnn":
@@ -75,12 +76,19 @@ def create_backbone(name: str, *, in_channels: int = 3, small_images: bool = Fal
             raise ValueError(f"backbone {name!r} needs timm: pip install timm")
         import timm
 
+        if not timm.is_model(name[5:]):
+            raise ValueError(
+                f"timm has no model {name[5:]!r}; list names with timm.list_models('*pattern*')"
+            )
         model: nn.Module = timm.create_model(name[5:], num_classes=0, in_chans=in_channels)
         return model
-    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} or timm:<name>")
+    raise ValueError(
+        f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} or timm:<name>"
+    )
 
 
 def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (trainable or not) of ``module``."""
     return sum(p.numel() for p in module.parameters())
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import tomllib
 import types
 import typing
@@ -17,7 +18,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from barlow.methods.base import Method
 
 
 @dataclass(frozen=True)
@@ -96,8 +100,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Config)}  # type: ignore[misc]
-_SECTION_TYPES = typing.get_type_hints(Config)
+# Resolved types: with postponed annotations, dataclasses.Field.type is only a string.
+SECTIONS: dict[str, type] = typing.get_type_hints(Config)
 
 
 def _closest(name: str, choices: Iterable[str]) -> str:
@@ -105,7 +109,7 @@ def _closest(name: str, choices: Iterable[str]) -> str:
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
-def _method_class(name: str) -> type:
+def _method_class(name: str) -> type[Method]:
     from barlow.methods import METHODS  # late import: config must not pull in torch models
 
     if name not in METHODS:
@@ -117,8 +121,9 @@ def _method_class(name: str) -> type:
 
 def method_parameters(name: str) -> dict[str, inspect.Parameter]:
     """The legal ``[method]`` keys: keyword arguments of the method class after ``backbone``."""
-    params = inspect.signature(_method_class(name).__init__).parameters
-    return {k: p for k, p in params.items() if k not in ("self", "backbone")}
+    # signature of the class, not of __init__: binds self, and mypy accepts it
+    params = inspect.signature(_method_class(name)).parameters
+    return {k: p for k, p in params.items() if k != "backbone"}
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -155,6 +160,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if not isinstance(value, str):
@@ -197,7 +204,8 @@ def _check_ranges(cfg: Config) -> None:
         (cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}"),
         (
             cfg.train.batch_size >= 2,
-            f"train.batch_size must be >= 2 (the loss standardises along the batch), got {cfg.train.batch_size}",
+            "train.batch_size must be >= 2 (the loss standardises along the batch), "
+            f"got {cfg.train.batch_size}",
         ),
         (
             cfg.train.precision in ("auto", "fp32", "bf16", "fp16"),
@@ -242,10 +250,30 @@ def _check_ranges(cfg: Config) -> None:
             raise ValueError(message)
 
 
+def _check_names(cfg: Config) -> None:
+    """Registry names (backbone, view recipe) fail here, not minutes later at model build."""
+    from barlow.augment import RECIPES
+    from barlow.backbones import BACKBONES
+
+    backbone = cfg.model.backbone
+    if backbone not in BACKBONES and not (backbone.startswith("timm:") and len(backbone) > 5):
+        raise ValueError(
+            f"model.backbone: unknown backbone {backbone!r}{_closest(backbone, BACKBONES)} "
+            f"(valid: {', '.join(BACKBONES)}, or timm:<name>)"
+        )
+    views = cfg.data.views
+    if views is not None and views not in RECIPES:
+        raise ValueError(
+            f"data.views: unknown view recipe {views!r}{_closest(views, RECIPES)} "
+            f"(valid: {', '.join(RECIPES)})"
+        )
+
+
 def _validate_method(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
     legal = method_parameters(name)
     checked: dict[str, Any] = {}
-    hints = typing.get_type_hints(_method_class(name).__init__)
+    method_cls = _method_class(name)
+    hints = typing.get_type_hints(method_cls.__init__)
     for key, value in params.items():
         if key not in legal:
             raise ValueError(
@@ -253,10 +281,14 @@ def _validate_method(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
                 f"(valid: {', '.join(legal)})"
             )
         checked[key] = _coerce(value, hints.get(key, legal[key].annotation), f"method.{key}")
-    if "projector" in checked:
-        from barlow.heads import parse_spec
+    for key in ("projector", "predictor"):
+        if isinstance(checked.get(key), str):
+            from barlow.heads import parse_spec
 
-        parse_spec(checked["projector"])
+            try:
+                parse_spec(checked[key])
+            except ValueError as exc:
+                raise ValueError(f"method.{key}: {exc}") from exc
     return checked
 
 
@@ -272,13 +304,18 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
 
     method_raw = sections.pop("method", {})
     method_name = method_raw.pop("name", MethodConfig.name)
-    method_params = dict(method_raw.pop("params", {}))
+    if not isinstance(method_name, str):
+        raise ValueError(f"method.name must be a string, got {method_name!r}")
+    params_raw = method_raw.pop("params", {})
+    if not isinstance(params_raw, Mapping):
+        raise ValueError(f"method.params must be a table, got {params_raw!r}")
+    method_params = dict(params_raw)
     method_params.update(method_raw)
     method = MethodConfig(name=method_name, params=_validate_method(method_name, method_params))
 
     built: dict[str, Any] = {"method": method}
     for section, values in sections.items():
-        cls = _SECTION_TYPES[section]
+        cls = SECTIONS[section]
         hints = typing.get_type_hints(cls)
         for key in values:
             if key not in hints:
@@ -288,20 +325,52 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
         )
     cfg = Config(**built)
     _check_ranges(cfg)
+    _check_names(cfg)
     return cfg
 
 
-def _parse_value(text: str) -> Any:
-    """TOML value syntax for overrides (``0.3``, ``true``, ``"x"``, ``[1, 2]``); bare words are strings."""
+def _accepts_str(annotation: Any) -> bool:
+    if annotation is str:
+        return True
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return any(isinstance(a, str) for a in args)
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType) and any(
+        _accepts_str(a) for a in args
+    )
+
+
+def _field_annotation(section: str, name: str, method_name: str) -> Any:
+    """The annotation of ``section.name`` (None where the key is unknown: from_dict says so)."""
+    if section == "method":
+        try:
+            return typing.get_type_hints(_method_class(method_name).__init__).get(name)
+        except ValueError:
+            return None
+    if section in SECTIONS:
+        return typing.get_type_hints(SECTIONS[section]).get(name)
+    return None
+
+
+def _parse_value(text: str, annotation: Any = None) -> Any:
+    """TOML value syntax for overrides (``0.3``, ``true``, ``"x"``, ``[1, 2]``).
+
+    Bare words are strings, and so is any unquoted text given to a string field, so that
+    ``method.projector=8192`` or ``data.root=2024`` are not read as numbers.
+    """
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    if not isinstance(value, str) and annotation is not None and _accepts_str(annotation):
+        return text
+    return value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings to a nested recipe dict (returns a new dict)."""
-    out = {k: dict(v) for k, v in raw.items()}
+    # non-table values are kept as they are: from_dict names them
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.strip().partition(".")
@@ -309,7 +378,15 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
             raise ValueError(
                 f"override {item!r} must look like section.key=value, e.g. optim.lr=0.3"
             )
-        out.setdefault(section, {})[name] = _parse_value(value.strip())
+        table = out.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ValueError(f"override {item!r}: [{section}] in the recipe is not a table")
+        method_table = out.get("method")
+        method_name = MethodConfig.name
+        if isinstance(method_table, dict):
+            method_name = str(method_table.get("name", method_name))
+        annotation = _field_annotation(section, name, method_name)
+        table[name] = _parse_value(value.strip(), annotation)
     return out
 
 
@@ -331,7 +408,7 @@ def read_recipe(name_or_path: str) -> dict[str, Any]:
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"recipe {path} is not valid TOML: {exc}") from exc
 
 

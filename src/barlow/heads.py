@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -10,30 +11,29 @@ from torch import nn
 
 def parse_spec(spec: str) -> list[int]:
     """Parse a layer-width spec such as ``"8192-8192-8192"`` into ``[8192, 8192, 8192]``."""
-    parts = spec.split("-") if isinstance(spec, str) else []
+    parts = spec.split("-") if isinstance(spec, str) else [""]
     widths: list[int] = []
     for part in parts:
-        if not part.strip().isdigit() or int(part) <= 0:
+        # isdecimal, not isdigit: "²" is a digit that int() refuses
+        if not part.strip().isdecimal() or int(part) <= 0:
             raise ValueError(
                 f"invalid layer spec {spec!r}: expected positive integers joined by '-', "
                 f"e.g. '8192-8192-8192' or '2048-128'"
             )
         widths.append(int(part))
-    if not widths:
-        raise ValueError(f"invalid layer spec {spec!r}: expected e.g. '8192-8192-8192'")
     return widths
 
 
 def mlp(in_dim: int, spec: str, *, last_bn: bool = False, bias: bool = False) -> nn.Sequential:
     """The Barlow Twins projector: ``in_dim → w1 → … → wk``.
 
-    Hidden blocks are Linear(bias=False)-BatchNorm1d-ReLU; the last Linear has no bias (Zbontar et al.,
-    2021, §2). ``last_bn`` appends a BatchNorm1d (SimCLR/MoCo-style heads); ``bias`` gives the last
-    Linear a bias (predictors).
+    Hidden blocks are Linear(bias=False)-BatchNorm1d-ReLU; the last Linear has no bias (Zbontar et
+    al., 2021, §2). ``last_bn`` appends a BatchNorm1d (SimCLR/MoCo-style heads); ``bias`` gives the
+    last Linear a bias (predictors).
     """
     widths = [in_dim, *parse_spec(spec)]
     layers: list[nn.Module] = []
-    for d_in, d_out in zip(widths[:-2], widths[1:-1], strict=True):
+    for d_in, d_out in itertools.pairwise(widths[:-1]):
         layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
     layers.append(nn.Linear(widths[-2], widths[-1], bias=bias))
     if last_bn:
@@ -44,7 +44,7 @@ def mlp(in_dim: int, spec: str, *, last_bn: bool = False, bias: bool = False) ->
 def mlp_num_parameters(in_dim: int, spec: str) -> int:
     """Parameter count of ``mlp(in_dim, spec)`` without building it (memory preflight)."""
     widths = [in_dim, *parse_spec(spec)]
-    linear = sum(a * b for a, b in zip(widths[:-1], widths[1:], strict=True))
+    linear = sum(a * b for a, b in itertools.pairwise(widths))
     return linear + sum(2 * w for w in widths[1:-1])
 
 

@@ -191,7 +191,7 @@ def pretrain(
             f"{method_cls.num_views}"
         )
     train_set = data.build_dataset(
-        cfg.data.dataset, split="train", root=cfg.data.root, download=cfg.data.download
+        cfg.data.dataset, split="unlabeled", root=cfg.data.root, download=cfg.data.download
     )
     loader, sampler = _epoch_loader(
         ViewDataset(train_set, MultiView(specs)), cfg, world=world, rank=rank, device=device
@@ -268,7 +268,7 @@ def pretrain(
     bar = Progress(enabled=show)
 
     eval_data: EvalData | None = None
-    if main and cfg.eval.online_knn_every and data.labelled(train_set):
+    if main and cfg.eval.online_knn_every:
         try:
             eval_data = EvalData.build(
                 cfg.data.dataset,

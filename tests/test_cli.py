@@ -1,0 +1,89 @@
+"""The `barlow` command line: subcommands, errors with exit codes, and a 2-process torchrun run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from barlow.cli import main
+
+TINY = [
+    "--set", 'method.projector="64-64"',
+    "--set", "train.batch_size=64",
+    "--set", "eval.probe_epochs=5",
+    "--set", "eval.knn_k=20",
+    "--set", "eval.online_knn_every=0",
+    "--set", "eval.baselines=false",
+    "--set", "eval.protocol_epochs=1",
+]
+
+
+def test_methods_lists_barlow_twins_with_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "barlow_twins" in out and "lambd=0.0051" in out and "'8192-8192-8192'" in out
+
+
+def test_recipes_lists_the_shipped_recipes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("digits", "fashion-mnist", "cifar10-resnet18", "imagenet-resnet50"):
+        assert name in out
+
+
+def test_unknown_key_exits_2_naming_the_closest_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["pretrain", "--out", str(tmp_path), "--set", "optim.lrr=0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.lrr" in err and "did you mean 'lr'" in err
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_missing_recipe_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pretrain", "no-such-recipe"]) == 2
+    assert "digits" in capsys.readouterr().err  # lists what exists
+
+
+def test_pretrain_then_knn_and_linear(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["pretrain", "--out", str(out), "--epochs", "1", "--quiet", *TINY]) == 0
+    ckpt = out / "checkpoint.pt"
+    assert main(["knn", str(ckpt), "--set", "eval.knn_k=20"]) == 0
+    assert main(["linear", str(ckpt), "--set", "eval.probe_epochs=5"]) == 0
+    assert main(["linear", str(ckpt), "--protocol", "paper", "--set", "eval.protocol_epochs=1"]) == 0
+    printed = capsys.readouterr().out
+    assert "kNN top-1" in printed and "linear probe top-1" in printed and "paper protocol" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"knn", "linear_probe", "linear_paper", "evaluation"} <= metrics.keys()
+    assert 0.1 < metrics["knn"]["knn_top1"] <= 1.0
+
+
+def test_python_dash_m_is_the_same_command() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "barlow", "--version"], capture_output=True, text=True, check=True
+    )
+    assert done.stdout.startswith("barlow ")
+
+
+def test_torchrun_two_processes(tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m barlow pretrain` trains with DDP over gloo on CPU."""
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        torchrun, "--nproc_per_node", "2", "--master_port", "29533",
+        "-m", "barlow", "pretrain", "--out", str(tmp_path), "--epochs", "1", "--quiet",
+        *TINY, "--set", "train.max_steps=4", "--set", "eval.final=false",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stderr
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["global_step"] == 4

@@ -1,0 +1,268 @@
+"""barlow.distributed and the distributed rule of DESIGN.md, with 2 Gloo processes on CPU.
+
+Rule: with W processes each holding a *different* shard of the global batch, the loss and the
+gradients after DDP's averaging equal one process on the concatenated batch. Both processes are
+spawned once; every check runs inside that one process group and the results are asserted here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+from barlow import distributed
+from barlow.losses import barlow_twins_loss
+
+WORLD_SIZE = 2
+GLOBAL_BATCH = 16
+IN_DIM, HIDDEN, OUT_DIM = 6, 12, 10
+PATHS = ("correlation", "gram")
+
+
+class TwoViewLoss(nn.Module):
+    """A projector and the loss in one forward, as a Method runs under DDP."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)  # the same weights on every rank and in the reference
+        # Last Linear bias-free, as in heads.mlp: the loss standardises z, so a bias there gets
+        # a gradient of exactly 0 in theory and rounding noise in practice.
+        self.projector = nn.Sequential(
+            nn.Linear(IN_DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, OUT_DIM, bias=False)
+        )
+        self.path = path
+
+    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
+        z1, z2 = self.projector(x1), self.projector(x2)
+        return barlow_twins_loss(z1, z2, path=self.path).loss  # type: ignore[arg-type]
+
+
+def global_views() -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x1 = torch.randn(GLOBAL_BATCH, IN_DIM, generator=gen)
+    return x1, x1 + 0.5 * torch.randn(GLOBAL_BATCH, IN_DIM, generator=gen)
+
+
+def shard(x: Tensor, rank: int) -> Tensor:
+    rows = GLOBAL_BATCH // WORLD_SIZE
+    return x[rank * rows : (rank + 1) * rows]
+
+
+def loss_and_grads(model: nn.Module, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
+    loss = model(x1, x2)
+    loss.backward()
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    grads = {name: torch.as_tensor(p.grad).clone() for name, p in module.named_parameters()}
+    return {"loss": loss.detach(), **grads}
+
+
+def ddp_run(path: str, rank: int) -> dict[str, Tensor]:
+    model = nn.parallel.DistributedDataParallel(TwoViewLoss(path))
+    x1, x2 = global_views()
+    return loss_and_grads(model, shard(x1, rank), shard(x2, rank))
+
+
+def gather_then_reinsert_own_rows(x: Tensor) -> Tensor:
+    """The classic bug: gather without autograd, put the local rows back; gradients end at 1/W."""
+    gathered = list(distributed.all_gather_no_grad(x).chunk(WORLD_SIZE))
+    gathered[distributed.rank()] = x
+    return torch.cat(gathered)
+
+
+def checks_in_worker(rank: int) -> dict[str, Any]:
+    results: dict[str, Any] = {
+        "device": str(distributed.init_from_env(backend="gloo")),
+        "again": str(distributed.init_from_env(backend="gloo")),  # idempotent
+        "world_size": distributed.world_size(),
+        "rank": distributed.rank(),
+        "local_rank": distributed.local_rank(),
+        "is_main": distributed.is_main_process(),
+    }
+    for path in PATHS:
+        results[f"ddp/{path}"] = ddp_run(path, rank)
+
+    # Negative controls: the same comparison must notice a loss that skips the gather, and a
+    # gather whose backward does not sum gradients across ranks.
+    real_gather = distributed.gather_with_grad
+    for name, broken in [
+        ("no_gather", lambda x: x),
+        ("no_grad_sum", gather_then_reinsert_own_rows),
+    ]:
+        distributed.gather_with_grad = broken  # losses looks it up at call time
+        try:
+            results[f"broken/{name}"] = ddp_run("gram", rank)
+        finally:
+            distributed.gather_with_grad = real_gather
+
+    # gather_with_grad on its own: rank-specific rows in, rank-specific loss weights out.
+    x = torch.full((2, 3), float(rank + 1), requires_grad=True)
+    gathered = distributed.gather_with_grad(x)
+    weights = torch.arange(12.0).view(4, 3) * (rank + 1)
+    (gathered * weights).sum().backward()
+    results["gather/value"] = gathered.detach()
+    results["gather/grad"] = x.grad
+
+    no_grad = distributed.all_gather_no_grad(x)
+    results["gather_no_grad/value"] = no_grad
+    results["gather_no_grad/requires_grad"] = no_grad.requires_grad
+    local = torch.tensor([rank + 1.0, 10.0 * rank])
+    results["sum"] = distributed.all_reduce_sum(local)
+    results["mean"] = distributed.all_reduce_mean(local)
+    results["local_untouched"] = local
+    cpu = torch.device("cpu")
+    results["any/one"] = distributed.any_rank(rank == 1, cpu)
+    results["any/none"] = distributed.any_rank(False, cpu)
+    results["any/all"] = distributed.any_rank(True, cpu)
+    results["broadcast"] = distributed.broadcast_object({"from": rank}, src=1)
+    distributed.barrier()
+    distributed.shutdown()
+    results["after_shutdown"] = (distributed.is_distributed(), distributed.world_size())
+    return results
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD_SIZE),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        CUDA_VISIBLE_DEVICES="",  # CPU and Gloo even on a GPU machine
+    )
+    torch.set_num_threads(1)
+    torch.save(checks_in_worker(rank), Path(out_dir) / f"rank{rank}.pt")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out_dir = tmp_path_factory.mktemp("ranks")
+    mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+
+
+@pytest.fixture(scope="module")
+def single_process() -> Iterator[Callable[[str], dict[str, Tensor]]]:
+    def run(path: str) -> dict[str, Tensor]:
+        return loss_and_grads(TwoViewLoss(path), *global_views())
+
+    yield run
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    return float((actual.double() - expected.double()).norm() / expected.double().norm())
+
+
+def max_rel_err(result: dict[str, Tensor], reference: dict[str, Tensor]) -> float:
+    assert result.keys() == reference.keys()
+    return max(rel_err(result[k], reference[k]) for k in reference)
+
+
+def test_process_group_facts(ranks: list[dict[str, Any]]) -> None:
+    for r, result in enumerate(ranks):
+        assert result["device"] == result["again"] == "cpu"
+        assert (result["world_size"], result["rank"], result["local_rank"]) == (2, r, r)
+        assert result["is_main"] == (r == 0)
+        assert result["after_shutdown"] == (False, 1)
+
+
+def test_ranks_hold_different_data() -> None:
+    x1, _ = global_views()
+    assert not torch.allclose(shard(x1, 0), shard(x1, 1))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_ddp_loss_and_gradients_equal_single_process(
+    ranks: list[dict[str, Any]], single_process: Callable[[str], dict[str, Tensor]], path: str
+) -> None:
+    reference = single_process(path)
+    for result in ranks:
+        assert max_rel_err(result[f"ddp/{path}"], reference) < 1e-5
+
+
+@pytest.mark.parametrize("broken", ["no_gather", "no_grad_sum"])
+def test_the_comparison_catches_broken_gathering(
+    ranks: list[dict[str, Any]], single_process: Callable[[str], dict[str, Tensor]], broken: str
+) -> None:
+    reference = single_process("gram")
+    result = ranks[0][f"broken/{broken}"]
+    assert max_rel_err(result, reference) > 1e-2
+    if broken == "no_grad_sum":
+        # The loss is right; only the gradients are off, by the factor 1/W.
+        assert rel_err(result["loss"], reference["loss"]) < 1e-5
+        weight = "projector.2.weight"
+        assert rel_err(result[weight], reference[weight] / WORLD_SIZE) < 1e-5
+
+
+def test_local_shard_loss_differs_from_global_loss(
+    single_process: Callable[[str], dict[str, Tensor]],
+) -> None:
+    x1, x2 = global_views()
+    local = TwoViewLoss("gram")(shard(x1, 0), shard(x2, 0))
+    assert rel_err(local.detach(), single_process("gram")["loss"]) > 1e-2
+
+
+def test_gather_with_grad_forward_and_backward(ranks: list[dict[str, Any]]) -> None:
+    expected_value = torch.cat([torch.full((2, 3), 1.0), torch.full((2, 3), 2.0)])
+    # d/dx_r Σ_s Σ gathered·weights_s = Σ_s weights_s[rows of r] = (1 + 2)·arange[rows of r]
+    summed_weights = torch.arange(12.0).view(4, 3) * 3
+    for r, result in enumerate(ranks):
+        assert torch.equal(result["gather/value"], expected_value)
+        assert torch.equal(result["gather/grad"], summed_weights[2 * r : 2 * r + 2])
+        assert torch.equal(result["gather_no_grad/value"], expected_value)
+        assert result["gather_no_grad/requires_grad"] is False
+
+
+def test_reductions_and_agreement(ranks: list[dict[str, Any]]) -> None:
+    for r, result in enumerate(ranks):
+        assert torch.equal(result["sum"], torch.tensor([3.0, 10.0]))
+        assert torch.equal(result["mean"], torch.tensor([1.5, 5.0]))
+        assert torch.equal(result["local_untouched"], torch.tensor([r + 1.0, 10.0 * r]))
+        assert (result["any/one"], result["any/none"], result["any/all"]) == (True, False, True)
+        assert result["broadcast"] == {"from": 1}
+
+
+def test_single_process_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert not distributed.is_distributed()
+    expected_device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    assert str(distributed.init_from_env()) == expected_device
+    assert not distributed.is_distributed()  # no group without torchrun
+    assert (distributed.world_size(), distributed.rank(), distributed.local_rank()) == (1, 0, 0)
+    assert distributed.is_main_process()
+    x = torch.randn(3, 2, requires_grad=True)
+    assert distributed.gather_with_grad(x) is x
+    assert torch.equal(distributed.all_gather_no_grad(x), x)
+    reduced = distributed.all_reduce_mean(x)
+    assert torch.equal(reduced, x) and not reduced.requires_grad
+    assert distributed.any_rank(True, torch.device("cpu"))
+    assert not distributed.any_rank(False, torch.device("cpu"))
+    assert distributed.broadcast_object("run-1") == "run-1"
+    distributed.barrier()
+    distributed.shutdown()
+
+
+def test_environment_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", "two")
+    with pytest.raises(ValueError, match="LOCAL_RANK='two' is not an integer"):
+        distributed.local_rank()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=r"RANK, MASTER_ADDR, MASTER_PORT not set.*torchrun"):
+        distributed.init_from_env(backend="gloo")

@@ -1,0 +1,131 @@
+"""The pretraining loop end to end on the embedded digits data (seconds per run)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from barlow import checkpoint
+from barlow.config import Config, load_config
+from barlow.methods import BarlowTwins
+from barlow.train import CHECKPOINT_NAME, NonFiniteLossError, pretrain
+
+TINY = [
+    "method.projector=\"64-64\"",
+    "train.batch_size=64",
+    "train.epochs=2",
+    "train.log_every=5",
+    "optim.warmup_epochs=1",
+    "eval.online_knn_every=1",
+    "eval.probe_epochs=5",
+    "eval.knn_k=20",
+    "eval.baselines=false",
+]
+
+
+def tiny_config(*extra: str) -> Config:
+    return load_config("digits", [*TINY, *extra])
+
+
+def test_pretrain_writes_a_complete_run(tmp_path: Path) -> None:
+    cfg = tiny_config("eval.baselines=true", "train.max_steps=30")
+    results = pretrain(cfg, tmp_path, progress=False)
+
+    assert {p.name for p in tmp_path.iterdir()} >= {
+        "config.json", "metrics.jsonl", "metrics.json", CHECKPOINT_NAME, "backbone.safetensors", "tensorboard"
+    }
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["config"] == cfg.to_dict()
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    steps = [r for r in records if r["kind"] == "train"]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert all(0 <= r["knn_top1"] <= 1 for r in epochs)
+    assert all({"loss", "on_diag", "off_diag", "lr", "images_per_s"} <= r.keys() for r in steps)
+
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert state["epoch"] == 2 and state["global_step"] == 2 * (1437 // 64)
+    rows = results["evaluation"]
+    assert set(rows) == {"pretrained", "random init", "raw pixels"}
+    assert json.loads((tmp_path / "metrics.json").read_text())["evaluation"] == rows
+
+
+def test_loss_decreases_and_encoder_beats_random_init(tmp_path: Path) -> None:
+    cfg = tiny_config("train.epochs=8", "eval.baselines=true", "eval.online_knn_every=0")
+    results = pretrain(cfg, tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r["kind"] == "epoch"]
+    assert losses[-1] < 0.8 * losses[0]
+    rows = results["evaluation"]
+    assert rows["pretrained"]["knn_top1"] > rows["random init"]["knn_top1"]
+
+
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    straight = tiny_config("eval.online_knn_every=0", "eval.final=false")
+    pretrain(straight, tmp_path / "straight", progress=False)
+
+    first = tiny_config("eval.online_knn_every=0", "eval.final=false", "train.epochs=1")
+    pretrain(first, tmp_path / "split", progress=False)
+    # Same run, continued: the config now asks for 2 epochs.
+    pretrain(straight, tmp_path / "split", resume=True, progress=False)
+
+    a = checkpoint.load_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)["method"]
+    b = checkpoint.load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)["method"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_output_directory_holding_a_run_is_refused(tmp_path: Path) -> None:
+    cfg = tiny_config("train.max_steps=2", "eval.final=false", "eval.online_knn_every=0")
+    pretrain(cfg, tmp_path, progress=False)
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain(cfg, tmp_path, progress=False)
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+
+
+def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        pretrain(tiny_config(), tmp_path / "nothing", resume=True, progress=False)
+
+
+def test_resume_of_a_different_run_is_refused(tmp_path: Path) -> None:
+    pretrain(tiny_config("train.epochs=1", "eval.final=false"), tmp_path, progress=False)
+    other = tiny_config("method.projector=\"32-32\"", "eval.final=false")
+    with pytest.raises(ValueError, match="method"):
+        pretrain(other, tmp_path, resume=True, progress=False)
+
+
+def test_non_finite_loss_stops_before_saving_nan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    original = BarlowTwins.forward
+
+    def poisoned(self: BarlowTwins, views: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        out = original(self, views)
+        calls["n"] += 1
+        if calls["n"] == 30:  # in the second epoch (22 steps per epoch)
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(BarlowTwins, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="step 29") as info:
+        pretrain(tiny_config("eval.final=false", "eval.online_knn_every=0"), tmp_path, progress=False)
+    assert "epoch 1" in str(info.value)  # names the last good checkpoint
+    state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["method"].values() if t.is_floating_point())
+
+
+def test_batch_larger_than_dataset_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        pretrain(tiny_config("train.batch_size=4096"), tmp_path, progress=False)
+
+
+def test_precision_needing_a_gpu_is_refused_on_cpu(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="precision"):
+        pretrain(tiny_config("train.precision=\"bf16\"", "train.device=\"cpu\""), tmp_path, progress=False)
