@@ -1,8 +1,13 @@
+import ast
 import errno
 import hashlib
+import importlib.util
 import os
 import random
+import re
+import shutil
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +17,20 @@ from torch import nn
 from barlow.checkpoint import (
     FORMAT_VERSION,
     export_backbone,
+    latest_valid_checkpoint,
     load_backbone_weights,
     load_checkpoint,
     load_exported_backbone,
+    retain,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    snapshot_name,
+    validate_checkpoint,
 )
+from barlow.config import apply_overrides
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "barlow"
 
 
 def example_state() -> dict:
@@ -251,3 +263,339 @@ def test_export_backbone_refuses_non_finite(tmp_path):
     with pytest.raises(ValueError, match="'w'"):
         export_backbone({"w": torch.tensor([float("nan")])}, tmp_path / "b.pt")
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# R1: a save that fails at any point leaves the previous checkpoint and the directory as they were
+
+
+class _DiskFills:
+    """A file object that accepts ``room`` bytes, then fails like a full disk."""
+
+    def __init__(self, file, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            self.file.write(bytes(data[: self.room]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _fail_in_torch_save(monkeypatch, error):
+    real_save = torch.save
+
+    def save_then_fail(obj, file):
+        real_save(obj, file)  # a whole checkpoint's bytes reach the temp file first
+        raise error
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+
+
+def _disk_fills_after(monkeypatch, room):
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, file: real_save(obj, _DiskFills(file, room)))
+
+
+def _fail_at(monkeypatch, name, error):
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(os, name, fail)
+
+
+FAILURES = {
+    "exception after writing": lambda mp: _fail_in_torch_save(mp, RuntimeError("boom")),
+    "disk full mid-write": lambda mp: _disk_fills_after(mp, 5000),
+    "interrupt mid-write": lambda mp: _fail_in_torch_save(mp, KeyboardInterrupt()),
+    "fsync fails": lambda mp: _fail_at(mp, "fsync", OSError(errno.EIO, "I/O error")),
+    "rename fails": lambda mp: _fail_at(mp, "replace", OSError(errno.EACCES, "denied")),
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_failed_save_at_any_point_keeps_previous_checkpoint(tmp_path, monkeypatch, failure):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(train_state(1), path)
+    before, listing = digest(path), sorted(os.listdir(tmp_path))
+    FAILURES[failure](monkeypatch)
+    with pytest.raises((OSError, RuntimeError, KeyboardInterrupt)):
+        save_checkpoint(train_state(2, size=10_000), path)
+    monkeypatch.undo()
+    assert digest(path) == before
+    assert sorted(os.listdir(tmp_path)) == listing
+    assert load_checkpoint(path)["global_step"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# R2: resume from the newest checkpoint that validates; R3: retention
+
+
+def train_state(step: int, size: int = 16) -> dict:
+    """A state with every key barlow.train writes, its tensors tagged with ``step``."""
+    return {
+        "barlow_version": "test",
+        "config": {"method": {"name": "barlow_twins"}},
+        "epoch": step // 4,
+        "global_step": step,
+        "method": {"w": torch.full((size,), float(step))},
+        "optimizer": {"state": {}, "param_groups": []},
+        "scaler": {},
+        "rng": [rng_state()],
+    }
+
+
+def snapshots(run_dir) -> list[str]:
+    return sorted(name for name in os.listdir(run_dir) if name.startswith("checkpoint-step"))
+
+
+def test_validate_checkpoint_names_what_is_wrong(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint(train_state(3), path)
+    assert validate_checkpoint(path)["global_step"] == 3
+    save_checkpoint({"global_step": 3}, path)
+    with pytest.raises(ValueError, match=r"c\.pt is incomplete: it lacks \['barlow_version'"):
+        validate_checkpoint(path)
+    assert validate_checkpoint(path, required_keys=("global_step",))["global_step"] == 3
+    state = train_state(3)
+    state["method"]["w"][0] = float("nan")
+    torch.save({**state, "format_version": FORMAT_VERSION}, path)  # save_checkpoint refuses NaN
+    with pytest.raises(ValueError, match=r"c\.pt is corrupt: state\['method'\]\['w'\]"):
+        validate_checkpoint(path)
+
+
+def test_latest_valid_skips_a_truncated_newer_snapshot(tmp_path):
+    save_checkpoint(train_state(10), tmp_path / snapshot_name(10))
+    save_checkpoint(train_state(20), tmp_path / snapshot_name(20))
+    truncated = tmp_path / snapshot_name(20)
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+    with pytest.warns(RuntimeWarning, match=re.escape(str(truncated))) as caught:
+        found = latest_valid_checkpoint(tmp_path)
+    assert found == tmp_path / snapshot_name(10) and len(caught) == 1
+    assert "resuming from" in str(caught[0].message)
+    assert load_checkpoint(found)["global_step"] == 10
+
+
+def test_latest_valid_prefers_checkpoint_pt_and_opens_nothing_older(tmp_path, recwarn):
+    save_checkpoint(train_state(30), tmp_path / "checkpoint.pt")
+    (tmp_path / snapshot_name(20)).write_bytes(b"garbage")  # older: never opened, no warning
+    assert latest_valid_checkpoint(tmp_path) == tmp_path / "checkpoint.pt"
+    assert not recwarn.list
+    save_checkpoint(train_state(40), tmp_path / snapshot_name(40))  # newer snapshot wins
+    assert latest_valid_checkpoint(tmp_path) == tmp_path / snapshot_name(40)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "incomplete", "not a checkpoint"])
+def test_latest_valid_falls_back_from_a_damaged_checkpoint_pt(tmp_path, damage):
+    save_checkpoint(train_state(10), tmp_path / snapshot_name(10))
+    latest = tmp_path / "checkpoint.pt"
+    save_checkpoint(train_state(12), latest)
+    if damage == "truncated":
+        latest.write_bytes(latest.read_bytes()[:-100])
+    elif damage == "empty":
+        latest.write_bytes(b"")
+    elif damage == "incomplete":
+        save_checkpoint({"global_step": 12}, latest)
+    else:
+        latest.write_text("hello")
+    with pytest.warns(RuntimeWarning, match=re.escape(str(latest))):
+        assert latest_valid_checkpoint(tmp_path) == tmp_path / snapshot_name(10)
+
+
+def test_latest_valid_with_nothing_valid(tmp_path):
+    assert latest_valid_checkpoint(tmp_path / "missing") is None
+    assert latest_valid_checkpoint(tmp_path) is None
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x00" * 10)
+    with pytest.warns(RuntimeWarning, match="none is valid"):
+        assert latest_valid_checkpoint(tmp_path) is None
+
+
+def test_retain_keeps_the_last_k_and_a_failed_save_deletes_nothing(tmp_path, monkeypatch):
+    latest = tmp_path / "checkpoint.pt"
+    (tmp_path / "best.pt").write_bytes(b"not ours")
+    for step in range(1, 6):
+        save_checkpoint(train_state(step), latest)
+        retain(tmp_path, keep_last=2)
+    assert snapshots(tmp_path) == [snapshot_name(4), snapshot_name(5)]
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        ["best.pt", "checkpoint.pt", *snapshots(tmp_path)]
+    )
+    for step in (4, 5):
+        assert load_checkpoint(tmp_path / snapshot_name(step))["global_step"] == step
+    assert os.path.samefile(latest, tmp_path / snapshot_name(5))  # a hard link, not a copy
+    before = {name: digest(tmp_path / name) for name in os.listdir(tmp_path)}
+    _disk_fills_after(monkeypatch, 100)
+    with pytest.raises((OSError, RuntimeError)):  # torch's zip writer may rewrap the OSError
+        save_checkpoint(train_state(6), latest)
+    monkeypatch.undo()
+    assert {name: digest(tmp_path / name) for name in os.listdir(tmp_path)} == before
+
+
+def test_retain_refuses_an_invalid_latest_and_deletes_nothing(tmp_path):
+    for step in (1, 2):
+        save_checkpoint(train_state(step), tmp_path / "checkpoint.pt")
+        retain(tmp_path, keep_last=1)
+    listing = sorted(os.listdir(tmp_path))
+    (tmp_path / "checkpoint.pt").unlink()
+    save_checkpoint({"global_step": 3}, tmp_path / "checkpoint.pt")  # lacks the training keys
+    with pytest.raises(ValueError, match="incomplete"):
+        retain(tmp_path, keep_last=1)
+    assert sorted(os.listdir(tmp_path)) == listing
+
+
+def test_retain_cleans_stale_temps_and_abandoned_snapshots(tmp_path):
+    save_checkpoint(train_state(9), tmp_path / snapshot_name(9))  # from a timeline resumed at 5
+    stale = [".checkpoint.pt.abc123.tmp", f".{snapshot_name(3)}.def.tmp"]
+    kept = [".other.tmp", "backbone.safetensors", "checkpoint-step12.txt"]
+    for name in stale + kept:
+        (tmp_path / name).write_bytes(b"x")
+    save_checkpoint(train_state(6), tmp_path / "checkpoint.pt")
+    removed = retain(tmp_path, keep_last=3)
+    assert sorted(p.name for p in removed) == sorted([snapshot_name(9), *stale])
+    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", snapshot_name(6), *kept])
+
+
+def test_retain_zero_keeps_only_the_latest(tmp_path):
+    for step in (1, 2):
+        save_checkpoint(train_state(step), tmp_path / "checkpoint.pt")
+        retain(tmp_path, keep_last=2)
+    retain(tmp_path, keep_last=0)
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="keep_last"):
+            retain(tmp_path, keep_last=bad)
+
+
+def test_retain_copies_where_hard_links_fail(tmp_path, monkeypatch):
+    save_checkpoint(train_state(7), tmp_path / "checkpoint.pt")
+
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    retain(tmp_path, keep_last=1)
+    snapshot = tmp_path / snapshot_name(7)
+    assert not os.path.samefile(tmp_path / "checkpoint.pt", snapshot)
+    assert digest(snapshot) == digest(tmp_path / "checkpoint.pt")
+    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", snapshot.name])
+
+
+# ---------------------------------------------------------------------------------------------
+# R7 / R29: safe loading
+
+
+def test_every_torch_load_in_the_library_sets_weights_only_true():
+    """AST scan of src/barlow: each ``*.load(...)`` on torch passes ``weights_only=True``."""
+    calls = []
+    for source in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(), filename=str(source))):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+            ):
+                flags = [k for k in node.keywords if k.arg == "weights_only"]
+                safe = len(flags) == 1 and isinstance(flags[0].value, ast.Constant)
+                calls.append((f"{source.name}:{node.lineno}", safe and flags[0].value.value))
+    assert calls, "the scan found no torch.load call at all"
+    assert [where for where, safe in calls if safe is not True] == []
+
+
+def test_old_torch_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"step": 1}, path)
+    monkeypatch.setattr(torch, "__version__", "2.5.1")
+    with pytest.raises(RuntimeError, match="CVE-2025-32434"):
+        load_checkpoint(path)
+
+
+def test_malicious_checkpoint_is_refused_by_every_loader(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint.pt"
+    torch.save({**train_state(1), "format_version": 1, "x": Exploit(marker)}, path)
+    for load in (load_checkpoint, validate_checkpoint, load_exported_backbone):
+        with pytest.raises(ValueError, match="it was not executed"):
+            load(path)
+    with pytest.warns(RuntimeWarning, match="not executed"):
+        assert latest_valid_checkpoint(tmp_path) is None
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# R9: checkpoints of every released format version keep loading and training
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+COMMITTED = sorted(FIXTURES.glob("checkpoint-v*.pt"))
+
+
+def _fixture_script():
+    spec = importlib.util.spec_from_file_location(
+        "make_checkpoint_fixture", FIXTURES / "make_checkpoint_fixture.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def fixture_width(monkeypatch):
+    """The small CNN at the width the fixtures were made with (restored after the test)."""
+    from barlow import backbones
+
+    monkeypatch.setattr(backbones, "SmallCNN", backbones.SmallCNN)
+    _fixture_script().use_fixture_width()
+
+
+def test_the_current_format_version_has_a_committed_fixture():
+    assert FIXTURES / f"checkpoint-v{FORMAT_VERSION}.pt" in COMMITTED, (
+        "run `python tests/fixtures/make_checkpoint_fixture.py` and commit its file"
+    )
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda path: path.name)
+def test_committed_checkpoint_loads_and_trains_one_step(path, fixture_width):
+    from barlow.optim import build_optimizer
+    from barlow.report import load_pretrained
+
+    assert path.stat().st_size < 100_000
+    state = validate_checkpoint(path)
+    method, cfg, _ = load_pretrained(path)
+    optimizer = build_optimizer(
+        cfg.optim.name,
+        method,
+        lr=0.1,
+        weight_decay=cfg.optim.weight_decay,
+        momentum=cfg.optim.momentum,
+        eta=cfg.optim.eta,
+    )
+    optimizer.load_state_dict(state["optimizer"])
+    assert optimizer.state, "the momentum buffers came back"
+    set_rng_state(state["rng"][0])
+    before = {k: v.clone() for k, v in method.state_dict().items()}
+    views = [torch.rand(16, 1, 16, 16) for _ in range(method.num_views)]
+    loss = method(views).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(before[k], v) for k, v in method.state_dict().items())
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda path: path.name)
+def test_committed_checkpoint_resumes_through_pretrain(path, tmp_path, fixture_width):
+    from barlow.config import from_dict
+    from barlow.train import pretrain
+
+    state = load_checkpoint(path)
+    cfg = from_dict(state["config"])
+    shutil.copyfile(path, tmp_path / "checkpoint.pt")
+    resumed_from = int(state["global_step"])
+    cfg = from_dict(apply_overrides(cfg.to_dict(), [f"train.max_steps={resumed_from + 1}"]))
+    pretrain(cfg, tmp_path, resume=True, progress=False)
+    after = validate_checkpoint(tmp_path / "checkpoint.pt")
+    assert int(after["global_step"]) == resumed_from + 1

@@ -15,13 +15,20 @@ import torch
 from barlow.cli import main
 
 TINY = [
-    "--set", 'method.projector="64-64"',
-    "--set", "train.batch_size=64",
-    "--set", "eval.probe_epochs=5",
-    "--set", "eval.knn_k=20",
-    "--set", "eval.online_knn_every=0",
-    "--set", "eval.baselines=false",
-    "--set", "eval.protocol_epochs=1",
+    "--set",
+    'method.projector="64-64"',
+    "--set",
+    "train.batch_size=64",
+    "--set",
+    "eval.probe_epochs=5",
+    "--set",
+    "eval.knn_k=20",
+    "--set",
+    "eval.online_knn_every=0",
+    "--set",
+    "eval.baselines=false",
+    "--set",
+    "eval.protocol_epochs=1",
 ]
 
 
@@ -58,9 +65,13 @@ def test_pretrain_then_knn_and_linear(tmp_path: Path, capsys: pytest.CaptureFixt
     ckpt = out / "checkpoint.pt"
     assert main(["knn", str(ckpt), "--set", "eval.knn_k=20"]) == 0
     assert main(["linear", str(ckpt), "--set", "eval.probe_epochs=5"]) == 0
-    assert main(["linear", str(ckpt), "--protocol", "paper", "--set", "eval.protocol_epochs=1"]) == 0
+    assert (
+        main(["linear", str(ckpt), "--protocol", "paper", "--set", "eval.protocol_epochs=1"]) == 0
+    )
     printed = capsys.readouterr().out
-    assert "kNN top-1" in printed and "linear probe top-1" in printed and "paper protocol" in printed
+    assert (
+        "kNN top-1" in printed and "linear probe top-1" in printed and "paper protocol" in printed
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"knn", "linear_probe", "linear_paper", "evaluation"} <= metrics.keys()
     assert 0.1 < metrics["knn"]["knn_top1"] <= 1.0
@@ -78,9 +89,24 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        torchrun, "--nproc_per_node", "2", "--master_port", "29533",
-        "-m", "barlow", "pretrain", "--out", str(tmp_path), "--epochs", "1", "--quiet",
-        *TINY, "--set", "train.max_steps=4", "--set", "eval.final=false",
+        torchrun,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "barlow",
+        "pretrain",
+        "--out",
+        str(tmp_path),
+        "--epochs",
+        "1",
+        "--quiet",
+        *TINY,
+        "--set",
+        "train.max_steps=4",
+        "--set",
+        "eval.final=false",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ast
 import gzip
+import hashlib
+import io
 import pickle
 import re
+import tarfile
+import urllib.error
+import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -62,6 +68,40 @@ def save_image(path: Path, mode: str, size: tuple[int, int] = (12, 10)) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to open a URL fails the test; tests that download serve fakes instead."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"a test tried to reach the network: {args[0]!r}")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def serve_files(monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes]) -> list[str]:
+    """Answer urlopen with ``files[basename of the URL]``; returns the names served, in order."""
+    served: list[str] = []
+
+    def urlopen(request: urllib.request.Request, timeout: float = 0) -> io.BytesIO:
+        name = request.full_url.rsplit("/", 1)[-1]
+        if name not in files:
+            raise urllib.error.URLError(f"404 {request.full_url}")
+        served.append(name)
+        return io.BytesIO(files[name])
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return served
+
+
+def publish_hashes(monkeypatch: pytest.MonkeyPatch, name: str, files: Path) -> None:
+    """Make the files under ``files`` the published ones of dataset ``name``."""
+    remotes = tuple(
+        data.RemoteFile(f"https://example.invalid/{p.name}", data.file_sha256(p))
+        for p in sorted(files.iterdir())
+    )
+    monkeypatch.setitem(data.DOWNLOADS, name, remotes)
+
+
 @pytest.fixture
 def data_no_stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Default data locations pointed at an empty directory: nothing found unless a test puts it."""
@@ -93,8 +133,13 @@ def test_dataset_info_of_a_directory_is_the_folder_facts(tmp_path: Path) -> None
 def test_dataset_info_rejects_unknown_names_with_a_suggestion(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="did you mean 'cifar10'"):
         data.dataset_info("cifar1O")
-    with pytest.raises(FileNotFoundError, match="not a directory"):
-        data.dataset_info(str(tmp_path / "missing" / "dir"))
+    missing = tmp_path / "missing" / "dir"
+    with pytest.raises(FileNotFoundError, match="does not exist") as caught:
+        data.dataset_info(str(missing))
+    assert str(missing) in str(caught.value) and "<class>" in str(caught.value)
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        data.dataset_info(str(tmp_path / "file.png"))
 
 
 def test_build_dataset_rejects_unknown_split() -> None:
@@ -245,25 +290,40 @@ def test_fashion_mnist_mismatched_files_are_an_error(tmp_path: Path, data_no_sto
 def test_fashion_mnist_downloads_only_when_asked(
     tmp_path: Path, data_no_stores: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[dict[str, Any]] = []
-
-    class FakeFashionMNIST:
-        classes = torchvision.datasets.FashionMNIST.classes
-
-        def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
-            calls.append({"root": root, "train": train, "download": download})
-            write_fashion_mnist(Path(root) / "FashionMNIST" / "raw", n_train=3)
-
-    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", FakeFashionMNIST)
+    files = tmp_path / "upstream"
+    write_fashion_mnist(files, n_train=3)
+    served = serve_files(monkeypatch, {p.name: p.read_bytes() for p in files.iterdir()})
+    publish_hashes(monkeypatch, "fashion-mnist", files)
     root = tmp_path / "dl"
     with pytest.raises(FileNotFoundError):
         data.build_dataset("fashion-mnist", root=root, download=False)
-    assert calls == []
+    assert served == []
     train = data.build_dataset("fashion-mnist", root=root, download=True)
-    assert calls == [{"root": str(root), "train": True, "download": True}]
+    assert sorted(served) == sorted(p.name for p in files.iterdir())
     assert len(train) == 3  # type: ignore[arg-type]
-    data.build_dataset("fashion-mnist", root=root, download=True)
-    assert len(calls) == 1  # files present: no second download
+    assert sorted(p.name for p in root.iterdir()) == sorted(p.name for p in files.iterdir())
+    data.build_dataset("fashion-mnist", split="test", root=root, download=True)
+    assert len(served) == 4  # files present: no second download
+
+
+def test_tampered_fashion_mnist_download_is_deleted_and_not_used(
+    tmp_path: Path, data_no_stores: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = tmp_path / "upstream"
+    write_fashion_mnist(files)
+    publish_hashes(monkeypatch, "fashion-mnist", files)
+    tampered = {p.name: p.read_bytes() for p in files.iterdir()}
+    tampered["train-images-idx3-ubyte.gz"] += b"\x00"
+    serve_files(monkeypatch, tampered)
+    root = tmp_path / "dl"
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz has SHA-256") as caught:
+        data.build_dataset("fashion-mnist", root=root, download=True)
+    expected = data.file_sha256(files / "train-images-idx3-ubyte.gz")
+    assert expected in str(caught.value) and "deleted" in str(caught.value)
+    assert not (root / "train-images-idx3-ubyte.gz").exists()
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".")]  # no partial file
+    with pytest.raises(FileNotFoundError):
+        data.build_dataset("fashion-mnist", root=root)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +361,96 @@ def test_cifar10_in_memory_conversion(tmp_path: Path, monkeypatch: pytest.Monkey
     image, label = train[3]
     assert image.dtype == torch.uint8 and isinstance(label, int)
     assert len(data.build_dataset("cifar10", split="test", root=tmp_path)) == 2  # type: ignore[arg-type]
+
+
+def make_tar(path: Path, members: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, payload in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    return path
+
+
+def test_cifar10_download_is_checked_then_unpacked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # torchvision's md5 check, minus the md5 the fake files cannot match
+    monkeypatch.setattr(
+        torchvision.datasets.cifar, "check_integrity", lambda p, *a: Path(p).is_file()
+    )
+    upstream = tmp_path / "upstream"
+    expected = write_cifar10(upstream)
+    archive_dir = tmp_path / "published"
+    archive_dir.mkdir()
+    folder = upstream / "cifar-10-batches-py"
+    make_tar(
+        archive_dir / "cifar-10-python.tar.gz",
+        {f"cifar-10-batches-py/{p.name}": p.read_bytes() for p in sorted(folder.iterdir())},
+    )
+    publish_hashes(monkeypatch, "cifar10", archive_dir)
+    served = serve_files(monkeypatch, {"cifar-10-python.tar.gz": b"tampered"})
+    root = tmp_path / "root"
+    with pytest.raises(ValueError, match="SHA-256"):
+        data.build_dataset("cifar10", root=root, download=True)
+    assert served == ["cifar-10-python.tar.gz"] and not (root / "cifar-10-batches-py").exists()
+    good = (archive_dir / "cifar-10-python.tar.gz").read_bytes()
+    served = serve_files(monkeypatch, {"cifar-10-python.tar.gz": good})
+    train = data.build_dataset("cifar10", root=root, download=True)
+    assert isinstance(train, data.TensorImages)
+    assert torch.equal(train.images, torch.from_numpy(expected))
+    assert data.build_dataset("cifar10", split="test", root=root, download=True)
+    assert served == ["cifar-10-python.tar.gz"]  # once
+
+
+def test_archive_members_outside_the_target_are_refused(tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir()
+    escape = make_tar(tmp_path / "escape.tar.gz", {"ok.txt": b"fine", "../escaped.txt": b"x"})
+    with pytest.raises(ValueError, match=r"escape\.tar\.gz"):
+        data.extract_tar(escape, target)
+    assert not (tmp_path / "escaped.txt").exists()
+    link = make_tar(tmp_path / "link.tar.gz", {}, links={"passwd": "/etc/passwd"})
+    with pytest.raises(ValueError, match="refusing to unpack"):
+        data.extract_tar(link, target)
+    assert not (target / "passwd").exists()
+    (tmp_path / "junk.tar.gz").write_bytes(b"not a tar")
+    with pytest.raises(ValueError, match="not a readable tar"):
+        data.extract_tar(tmp_path / "junk.tar.gz", target)
+
+
+def test_download_file_checks_the_hash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    payload = b"weights" * 1000
+    sha = hashlib.sha256(payload).hexdigest()
+    served = serve_files(monkeypatch, {"w.bin": payload})
+    dest = tmp_path / "d" / "w.bin"
+    assert data.download_file("https://example.invalid/w.bin", dest, sha256=sha.upper()) == dest
+    assert dest.read_bytes() == payload and served == ["w.bin"]
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["w.bin"]  # no partial file
+    data.download_file("https://example.invalid/w.bin", dest, sha256=sha)
+    assert served == ["w.bin"]  # present and verified: not fetched again
+    dest.write_bytes(b"changed on disk")
+    with pytest.raises(ValueError, match="exists but its SHA-256"):
+        data.download_file("https://example.invalid/w.bin", dest, sha256=sha)
+    assert dest.exists()  # not ours to delete
+
+
+def test_download_file_network_errors_name_the_url(tmp_path: Path, monkeypatch) -> None:
+    serve_files(monkeypatch, {})
+    with pytest.raises(ConnectionError, match=r"https://example\.invalid/gone\.bin"):
+        data.download_file("https://example.invalid/gone.bin", tmp_path / "g.bin", sha256="0")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_published_hashes_look_like_sha256() -> None:
+    for remotes in data.DOWNLOADS.values():
+        for remote in remotes:
+            assert re.fullmatch(r"[0-9a-f]{64}", remote.sha256), remote
+            assert remote.url.endswith(remote.filename) and remote.filename
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "stl10"])
@@ -359,6 +509,63 @@ def test_labelled_folder_with_mixed_modes(tmp_path: Path) -> None:
     images, labels = next(iter(DataLoader(dataset, batch_size=len(MODES))))
     assert images.shape == (len(MODES), 3, 10, 12) and images.dtype == torch.uint8
     assert labels.dtype == torch.int64
+
+
+def expected_pixels(path: Path, mode: str, channels: int) -> np.ndarray:
+    """What each mode should become, from PIL's own per-mode conversions: (H, W, channels)."""
+    with Image.open(path) as image:
+        if mode == "I;16":
+            grey = (np.asarray(image, dtype=np.int64) >> 8).astype(np.uint8)
+            return np.repeat(grey[:, :, None], channels, axis=2)
+        rgba = image.convert("RGBA") if mode in ("P", "LA", "RGBA") else None
+        rgb = Image.fromarray(np.asarray(rgba)[:, :, :3]) if rgba else image.convert("RGB")
+    if channels == 1:
+        return np.asarray(rgb.convert("L"))[:, :, None]
+    return np.asarray(rgb)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "RGB", "1"])
+def test_each_mode_becomes_the_declared_channels(tmp_path: Path, mode: str, channels: int) -> None:
+    path = save_image(tmp_path / f"x{'.tiff' if mode == 'CMYK' else '.png'}", mode)
+    with Image.open(path) as image:
+        assert image.mode == mode or (mode == "I;16" and image.mode.startswith("I"))
+    image = data.read_image(path, channels=channels)
+    assert image.dtype == torch.uint8 and image.shape == (channels, 10, 12)
+    np.testing.assert_array_equal(
+        image.permute(1, 2, 0).numpy(), expected_pixels(path, mode, channels)
+    )
+    if mode in ("L", "LA", "I;16", "1") and channels == 3:
+        assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+
+
+def test_image_files_declare_their_channels(tmp_path: Path) -> None:
+    for i, mode in enumerate(MODES):
+        save_image(tmp_path / f"{i}{_suffix(mode)}", mode)
+    dataset = data.build_dataset(str(tmp_path))
+    assert isinstance(dataset, data.ImageFiles) and dataset.channels == 3
+    grey = data.ImageFiles(dataset.root, dataset.samples, dataset.classes, channels=1)
+    images, _ = next(iter(DataLoader(grey, batch_size=len(MODES))))
+    assert images.shape == (len(MODES), 1, 10, 12)
+    with pytest.raises(ValueError, match="channels must be 1"):
+        data.read_image(dataset.samples[0][0], channels=4)
+
+
+def test_tiny_images_go_through_every_methods_views(tmp_path: Path) -> None:
+    from barlow.augment import MultiView, build_specs, recipe_for
+    from barlow.methods import METHODS
+
+    for i, mode in enumerate(["RGB", "L", "P", "RGBA"]):
+        save_image(tmp_path / f"{i}.png", mode, size=(8, 8))
+    dataset = data.build_dataset(str(tmp_path))
+    info = data.dataset_info(str(tmp_path))
+    for name, method in METHODS.items():
+        recipe = recipe_for(method.views, channels=3, image_size=32)
+        views = MultiView(build_specs(recipe, crop_size=32, mean=info.mean, std=info.std))
+        drawn = [views(image) for image, _ in dataset]  # type: ignore[attr-defined]
+        assert len(drawn[0]) == method.num_views, name
+        for view in (v for sample in drawn for v in sample):
+            assert view.shape == (3, 32, 32) and torch.isfinite(view).all(), (name, recipe)
 
 
 def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path: Path) -> None:
@@ -433,8 +640,23 @@ def test_decompression_bombs_name_the_file(
 ) -> None:
     path = save_image(tmp_path / "bomb.png", "RGB", size=(side, side))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    with pytest.raises(data.CorruptImageError, match=re.escape("bomb.png")):
+    with pytest.raises(data.CorruptImageError, match=re.escape(str(path))) as caught:
         data.read_image(path)
+    assert "decompression bomb" in str(caught.value) and "never None" in str(caught.value)
+    with pytest.raises(data.CorruptImageError, match="decompression bomb"):
+        list(DataLoader(data.build_dataset(str(tmp_path)), num_workers=1))
+
+
+def test_the_decompression_bomb_limit_is_never_lifted() -> None:
+    """No module sets PIL.Image.MAX_IMAGE_PIXELS (to None or anything); PIL's default holds."""
+    src = Path(data.__file__).parent
+    for source in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            targets = getattr(node, "targets", None) or [getattr(node, "target", None)]
+            for target in targets:
+                assert getattr(target, "attr", None) != "MAX_IMAGE_PIXELS", source
+                assert getattr(target, "id", None) != "MAX_IMAGE_PIXELS", source
+    assert Image.MAX_IMAGE_PIXELS == (1024 * 1024 * 1024 // 4 // 3)
 
 
 def test_imagenet_layout(tmp_path: Path, data_no_stores: Path) -> None:

@@ -61,7 +61,9 @@ def test_target_parameters_move_only_in_after_step(method_name: str) -> None:
         assert torch.equal(dict(method.named_parameters())[name], before), name
     method.after_step(0.5)
     for name, before in frozen.items():
-        assert not torch.equal(dict(method.named_parameters())[name], before), f"{name} did not move"
+        assert not torch.equal(dict(method.named_parameters())[name], before), (
+            f"{name} did not move"
+        )
 
 
 def test_state_dict_round_trip_gives_the_same_loss(method_name: str) -> None:

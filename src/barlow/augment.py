@@ -97,6 +97,58 @@ RECIPES: dict[str, tuple[ViewSpec, ...]] = {
     "barlow-gray": (_GRAY_A, _GRAY_B),
 }
 
+# --- non-contrastive recipes ---
+# BYOL's asymmetric pair (Grill et al., 2020, Table 6) is the one Barlow Twins adopted, and VICReg
+# uses it as well (Bardes et al., 2022): the same tuples under the methods' names.
+RECIPES.update(
+    {
+        f"{method}{variant}": RECIPES[f"barlow{variant}"]
+        for method in ("byol", "vicreg")
+        for variant in ("", "-small", "-gray")
+    }
+)
+
+# --- contrastive recipes ---
+# SimCLR (Chen et al., 2020, App. A): crops of 8–100 %, colour distortion of strength 1, i.e.
+# jitter (0.8, 0.8, 0.8, 0.2) with p 0.8 and grayscale p 0.2, blur with p 0.5; both views alike.
+# CIFAR (App. B.9): strength 0.5 and no blur. Grayscale: the barlow-gray adjustments.
+_SIMCLR = dataclasses.replace(
+    _PAPER_A, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2, blur_p=0.5
+)
+_SIMCLR_SMALL = dataclasses.replace(
+    _SIMCLR, crop_size=32, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, blur_p=0.0
+)
+_SIMCLR_GRAY = dataclasses.replace(
+    _SIMCLR_SMALL, crop_size=28, crop_scale=(0.2, 1.0), saturation=0.0, hue=0.0, grayscale_p=0.0
+)
+# MoCo v2 (Chen et al., 2020, "Improved baselines", §2): crops of 20–100 %, jitter
+# (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale p 0.2, blur with p 0.5; both views alike.
+_MOCO = dataclasses.replace(_PAPER_A, crop_scale=(0.2, 1.0), saturation=0.4, blur_p=0.5)
+_MOCO_SMALL = dataclasses.replace(_MOCO, crop_size=32, blur_p=0.0)
+_MOCO_GRAY = dataclasses.replace(
+    _MOCO_SMALL, crop_size=28, saturation=0.0, hue=0.0, grayscale_p=0.0
+)
+# CMC's L / ab split (Tian et al., 2019; released code for ResNets on ImageNet): one crop of
+# 8–100 % and a flip, no colour changes (they would move information between L and ab); the
+# method makes the 2 views.
+_CMC_LAB = dataclasses.replace(_PAPER_A, jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
+for _variant, _simclr, _moco in (
+    ("", _SIMCLR, _MOCO),
+    ("-small", _SIMCLR_SMALL, _MOCO_SMALL),
+    ("-gray", _SIMCLR_GRAY, _MOCO_GRAY),
+):
+    RECIPES[f"simclr{_variant}"] = (_simclr, _simclr)
+    RECIPES[f"moco{_variant}"] = (_moco, _moco)
+    # CMC with same-kind views: K SimCLR views through one encoder ("cmc3…" for K = 3).
+    RECIPES[f"cmc{_variant}"] = (_simclr, _simclr)
+    RECIPES[f"cmc3{_variant}"] = (_simclr, _simclr, _simclr)
+RECIPES["cmc-lab"] = (_CMC_LAB,)
+
+# --- non-contrastive recipes, continued (after MoCo's) ---
+# SimSiam uses MoCo v2's symmetric views (Chen & He, 2021, App. A): the same tuples.
+for _variant in ("", "-small", "-gray"):
+    RECIPES[f"simsiam{_variant}"] = RECIPES[f"moco{_variant}"]
+
 
 def recipe_for(family: str, *, channels: int, image_size: int) -> str:
     """Pick the recipe variant of a family (e.g. ``"barlow"``) that suits the images."""

@@ -5,6 +5,10 @@ dicts) stamped with ``format_version``. Plain values are what ``torch.load(weigh
 can rebuild without running code from the file, so loading someone else's checkpoint never
 executes it. Writes go to a temporary file in the same directory and are renamed over the
 target, so a crash or a full disk leaves the previous checkpoint intact.
+
+A run directory holds ``checkpoint.pt`` (the latest) and, with :func:`retain`, snapshots
+``checkpoint-step00001234.pt`` of the last K saves. :func:`latest_valid_checkpoint` picks the newest
+one that loads and is complete, skipping (with a warning) files a crash or a bad disk damaged.
 """
 
 from __future__ import annotations
@@ -12,7 +16,10 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
+import shutil
 import tempfile
+import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -24,6 +31,24 @@ import torch
 from torch import Tensor, nn
 
 FORMAT_VERSION: int = 1
+
+LATEST_NAME = "checkpoint.pt"
+# What barlow.train writes into every checkpoint; a file lacking one of them cannot resume a run.
+TRAINING_KEYS: tuple[str, ...] = (
+    "format_version",
+    "barlow_version",
+    "config",
+    "epoch",
+    "global_step",
+    "method",
+    "optimizer",
+    "scaler",
+    "rng",
+)
+_SNAPSHOT = re.compile(r"checkpoint-step(\d+)\.pt")
+# temp files of _atomic_write / _link_atomically for checkpoint.pt and snapshots
+_CHECKPOINT_TEMP = re.compile(r"\.checkpoint[^/]*\.pt\..+\.tmp")
+_MIN_SAFE_TORCH = "2.6"  # weights_only=True could be bypassed up to 2.5.1 (CVE-2025-32434)
 
 _PLAIN_SCALARS = (bool, int, float, complex, str, bytes, type(None))
 _PLAIN_KEYS = (str, int, float, bool, type(None))
@@ -107,6 +132,144 @@ def check_plain(value: Any, key_path: str = "state") -> None:
             "hold only tensors, numbers, str, bytes, None, lists, tuples and dicts, so they load "
             "with weights_only=True (convert it, e.g. dataclasses.asdict or torch.from_numpy)"
         )
+
+
+def validate_checkpoint(
+    path: str | Path,
+    *,
+    required_keys: tuple[str, ...] = TRAINING_KEYS,
+    map_location: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Load ``path`` (see :func:`load_checkpoint`) and check it is complete: every key of
+    ``required_keys`` present and every floating tensor finite. Returns the loaded state.
+
+    Raises ValueError naming the file and what is wrong (FileNotFoundError if it is missing).
+    """
+    path = Path(path)
+    state = load_checkpoint(path, map_location=map_location)
+    missing = [key for key in required_keys if key not in state]
+    if missing:
+        raise ValueError(
+            f"{path} is incomplete: it lacks {missing}, so it cannot resume a run "
+            "(written by another tool or an older barlow?)"
+        )
+    for key_path, tensor in _tensors(state, "state"):
+        floating = tensor.is_floating_point() or tensor.is_complex()
+        if floating and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{path} is corrupt: {key_path} holds NaN or infinite values")
+    return state
+
+
+def snapshot_name(global_step: int) -> str:
+    """File name of the snapshot :func:`retain` keeps of the checkpoint at ``global_step``."""
+    return f"checkpoint-step{global_step:08d}.pt"
+
+
+def latest_valid_checkpoint(
+    run_dir: str | Path, *, required_keys: tuple[str, ...] = TRAINING_KEYS
+) -> Path | None:
+    """The newest checkpoint in ``run_dir`` that passes :func:`validate_checkpoint`, or None.
+
+    Candidates are ``checkpoint.pt`` and the snapshots ``checkpoint-step<N>.pt``; newest means
+    the largest ``global_step`` (read from ``checkpoint.pt``, from the name for snapshots). Files
+    that fail validation (truncated, corrupt, incomplete) are skipped with a RuntimeWarning naming
+    each. Only files newer than the first valid one are opened.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    skipped: list[str] = []
+    best: tuple[int, Path] | None = None
+    latest = run_dir / LATEST_NAME
+    if latest.is_file():
+        try:
+            state = validate_checkpoint(latest, required_keys=required_keys)
+            best = (int(state.get("global_step", -1)), latest)
+        except ValueError as error:
+            skipped.append(str(error))
+    for step, path in sorted(_snapshots(run_dir), reverse=True):
+        if best is not None and step <= best[0]:
+            break
+        try:
+            validate_checkpoint(path, required_keys=required_keys)
+        except ValueError as error:
+            skipped.append(str(error))
+            continue
+        best = (step, path)
+        break
+    for reason in skipped:
+        chosen = best[1] if best is not None else "none is valid, starting afresh"
+        warnings.warn(
+            f"skipping checkpoint: {reason}; resuming from {chosen}", RuntimeWarning, stacklevel=2
+        )
+    return best[1] if best is not None else None
+
+
+def retain(
+    run_dir: str | Path, *, keep_last: int, required_keys: tuple[str, ...] = TRAINING_KEYS
+) -> list[Path]:
+    """Snapshot ``run_dir/checkpoint.pt`` and keep only the ``keep_last`` newest snapshots.
+
+    Call it right after :func:`save_checkpoint` wrote ``checkpoint.pt``. It first validates that
+    file (raising, and deleting nothing, if it is not a complete checkpoint), then links it to
+    ``checkpoint-step<global_step>.pt`` (a hard link, atomically; a copy where links are not
+    supported), then deletes older snapshots beyond the ``keep_last`` newest, snapshots newer than
+    this one (left by a timeline the run abandoned when it resumed from an earlier step), and
+    temp files of saves a killed process left. ``keep_last=0`` keeps ``checkpoint.pt`` alone.
+    Other files (``best.pt``, exports) are never touched. Returns the deleted paths.
+    """
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+        raise ValueError(f"keep_last must be an int >= 0 (0: no snapshots), got {keep_last!r}")
+    run_dir = Path(run_dir)
+    latest = run_dir / LATEST_NAME
+    state = validate_checkpoint(latest, required_keys=required_keys)
+    step = int(state["global_step"])
+    if keep_last:
+        _link_atomically(latest, run_dir / snapshot_name(step))
+    older = sorted((s, p) for s, p in _snapshots(run_dir) if s <= step)
+    doomed = [p for s, p in _snapshots(run_dir) if s > step]
+    doomed += [p for _, p in older[: max(len(older) - keep_last, 0)]]
+    doomed += [run_dir / name for name in os.listdir(run_dir) if _CHECKPOINT_TEMP.fullmatch(name)]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    if doomed:
+        _fsync_directory(run_dir)
+    return doomed
+
+
+def _snapshots(run_dir: Path) -> list[tuple[int, Path]]:
+    found = (_SNAPSHOT.fullmatch(name) for name in os.listdir(run_dir))
+    return [(int(m.group(1)), run_dir / m.group(0)) for m in found if m]
+
+
+def _link_atomically(source: Path, target: Path) -> None:
+    """Make ``target`` a hard link to ``source`` (a copy where the file system has no hard
+    links), replacing any existing ``target`` atomically."""
+    temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        os.link(source, temp)
+    except OSError:  # no hard links here (some network and FUSE file systems): copy
+        with open(source, "rb") as file:
+            _atomic_write(target, lambda out: shutil.copyfileobj(file, out))
+        return
+    try:
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_directory(target.parent)
+
+
+def _tensors(value: Any, key_path: str) -> Any:
+    """Yield (key path, tensor) for every tensor nested in dicts, lists and tuples."""
+    if isinstance(value, Tensor):
+        yield key_path, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _tensors(item, f"{key_path}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _tensors(item, f"{key_path}[{index}]")
 
 
 def rng_state() -> dict[str, Any]:
@@ -250,6 +413,7 @@ def load_exported_backbone(path: str | Path) -> dict[str, Tensor]:
 
 def _weights_only_load(path: Path, map_location: str | torch.device) -> Any:
     _require_file(path)
+    _require_safe_torch()
     try:
         # weights_only=True always: the unpickler rebuilds tensors and plain containers only
         # and refuses anything else, so a malicious file cannot run code. No fallback.
@@ -263,6 +427,16 @@ def _weights_only_load(path: Path, map_location: str | torch.device) -> Any:
             "interrupted write, corrupt, or a pickle holding objects other than tensors and "
             "plain values (it was not executed)"
         ) from error
+
+
+def _require_safe_torch() -> None:
+    # TorchVersion compares as a version (2.14 > 2.6), not as the string it is
+    version = torch.torch_version.TorchVersion(torch.__version__)
+    if version < _MIN_SAFE_TORCH:
+        raise RuntimeError(
+            f"torch {version} can be made to run code from a checkpoint despite "
+            "weights_only=True (CVE-2025-32434); upgrade to torch >= 2.6 to load checkpoints"
+        )
 
 
 def _require_file(path: Path) -> None:

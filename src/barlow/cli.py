@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,7 +48,7 @@ def _quoted(value: str) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from barlow.evaluation_runs import run_knn, run_linear
+    from barlow.report import run_knn, run_linear
 
     if args.command == "knn":
         run_knn(args.checkpoint, dataset=args.data, root=args.data_root, overrides=args.set)
@@ -79,8 +80,16 @@ def _recipes(args: argparse.Namespace) -> int:
     from barlow.config import shipped_recipes
 
     for name, path in sorted(shipped_recipes().items()):
-        first = path.read_text().splitlines()[0].lstrip("# ")
-        print(f"{name}: {first}")
+        # The recipe's leading comment, up to its first full stop.
+        comment = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            comment.append(line.lstrip("# ").strip())
+        summary = re.split(r"\.\s+(?=[A-Z][a-z]*\s)", " ".join(comment))[0].rstrip(".")
+        if len(summary) > 100:
+            summary = summary[:99] + "…"
+        print(f"{name:24} {summary}")
     return 0
 
 
@@ -94,15 +103,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pretrain an encoder from a recipe")
     p.add_argument(
-        "recipe", nargs="?", default="digits", help="shipped recipe name or TOML file (default: digits)"
+        "recipe",
+        nargs="?",
+        default="digits",
+        help="shipped recipe name or TOML file (default: digits)",
     )
-    p.add_argument("--data", help="dataset name (digits, fashion-mnist, cifar10, …) or image folder")
+    p.add_argument(
+        "--data", help="dataset name (digits, fashion-mnist, cifar10, …) or image folder"
+    )
     p.add_argument("--data-root", help="directory holding the dataset's files")
     p.add_argument("--method", help="method name (see `barlow methods`)")
     p.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
     p.add_argument("--out", help="run directory (default: runs/<recipe>)")
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=0.3"
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override, e.g. optim.lr=0.3",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
@@ -114,13 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument("checkpoint", help="checkpoint.pt written by `barlow pretrain`")
         e.add_argument("--data", help="evaluate on another labelled dataset than the run's")
         e.add_argument("--data-root", help="directory holding the dataset's files")
-        e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.knn_k=20")
+        e.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. eval.knn_k=20"
+        )
         if name == "linear":
             e.add_argument(
                 "--protocol",
                 choices=("probe", "paper"),
                 default="probe",
-                help="probe: fast, on frozen features; paper: linear head trained with augmentation",
+                help="probe: fast, frozen features; paper: linear head trained with augmentation",
             )
         e.set_defaults(func=_evaluate)
 
@@ -133,11 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from barlow.preemption import Preempted
     from barlow.train import NonFiniteLossError
 
     try:
         result: Any = args.func(args)
         return int(result)
+    except Preempted as exc:
+        print(f"barlow {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as exc:
         print(f"barlow {args.command}: error: {exc}", file=sys.stderr)
         return 1 if isinstance(exc, NonFiniteLossError) else 2

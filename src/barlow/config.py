@@ -70,7 +70,9 @@ class TrainConfig:
     sync_batchnorm: bool = True  # under DDP on GPU; SyncBatchNorm does not run on CPU
     channels_last: bool = True  # on GPU
     compile: bool = False  # torch.compile the method
-    max_steps: int | None = None  # stop early after this many steps (smoke tests)
+    max_steps: int | None = None  # stop after this many steps (mid-epoch; resumable)
+    skip_nonfinite: int = 0  # steps with a NaN/inf loss that may be skipped before the run stops
+    requeue: bool = False  # on a preemption signal under SLURM, also `scontrol requeue` the job
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,11 @@ def _check_ranges(cfg: Config) -> None:
         (
             cfg.train.max_steps is None or cfg.train.max_steps >= 1,
             f"train.max_steps must be >= 1, got {cfg.train.max_steps}",
+        ),
+        (
+            cfg.train.skip_nonfinite >= 0,
+            f"train.skip_nonfinite must be >= 0 (0: stop at the first), got "
+            f"{cfg.train.skip_nonfinite}",
         ),
         (cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}"),
         (

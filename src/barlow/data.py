@@ -6,14 +6,20 @@ Small datasets (digits, Fashion-MNIST, CIFAR, STL-10) live in memory as one (N, 
 image folders decode one file per item with PIL.
 
 Nothing is downloaded unless ``download=True`` (``--set data.download=true``); a missing dataset
-fails with the command or flag that gets it.
+fails with the command or flag that gets it. Every file barlow downloads itself is checked against
+its SHA-256 before use (:data:`DOWNLOADS`, :func:`download_file`) and archives are unpacked with
+the ``"data"`` tar filter, which refuses members that would land outside the target directory.
 """
 
 from __future__ import annotations
 
 import difflib
 import gzip
+import hashlib
 import os
+import tarfile
+import tempfile
+import urllib.request
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -140,9 +146,10 @@ def dataset_info(name_or_path: str) -> DatasetInfo:
     if path.is_dir():
         return DATASETS["folder"]
     if path.exists() or os.sep in name_or_path or "/" in name_or_path:
+        what = "is not a directory" if path.exists() else "does not exist"
         raise FileNotFoundError(
-            f"dataset {name_or_path!r} is not a directory; give a directory of images or one of "
-            f"{', '.join(DATASETS)}"
+            f"dataset {name_or_path!r}: {path} {what}; give a directory of images "
+            f"({_layout_hint(path)}) or one of {', '.join(DATASETS)}"
         )
     close = difflib.get_close_matches(name_or_path, DATASETS, n=1)
     hint = f"did you mean {close[0]!r}? " if close else ""
@@ -156,6 +163,153 @@ def _default_root(name: str) -> Path:
     """Where a dataset is looked for and downloaded to when no root is given."""
     base = os.environ.get("BARLOW_DATA")
     return (Path(base).expanduser() if base else Path.home() / ".cache" / "barlow") / name
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloads
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """A file barlow downloads, with the SHA-256 of its bytes."""
+
+    url: str
+    sha256: str
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1]
+
+
+_FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"  # torchvision's
+
+# SHA-256 of the upstream files, as published by Keras (``get_file(file_hash=…)``) and
+# torchvision's prototype datasets (CIFAR) and in independent download scripts (Fashion-MNIST).
+# STL-10 has no published SHA-256: torchvision downloads it and checks its MD5.
+DOWNLOADS: dict[str, tuple[RemoteFile, ...]] = {
+    "fashion-mnist": tuple(
+        RemoteFile(_FASHION_MNIST_URL + name, sha256)
+        for name, sha256 in (
+            (
+                "train-images-idx3-ubyte.gz",
+                "08dc20ab1689590a0bcd66e874647b6ee8464e2d501b5a3f1f78831db19a3fdc",
+            ),
+            (
+                "train-labels-idx1-ubyte.gz",
+                "b0197879cbda89f3dc7b894f9fd52b858e68ea4182b6947c9d8c2b67e5f18dcc",
+            ),
+            (
+                "t10k-images-idx3-ubyte.gz",
+                "78dcbbfb5a27efaf1b6c1d616caca68560be8766c5bffcb2791df9273a534229",
+            ),
+            (
+                "t10k-labels-idx1-ubyte.gz",
+                "42bd18137a62d5998cdeae52bf3a0676ac6b706f5cf8439b47bb5b151ae3dccf",
+            ),
+        )
+    ),
+    "cifar10": (
+        RemoteFile(
+            "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+            "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",
+        ),
+    ),
+    "cifar100": (
+        RemoteFile(
+            "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+            "85cd44d02ba6437773c5bbd22e183051d648de2e7d6b014e1ef29b855ba677a7",
+        ),
+    ),
+}
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download_file(url: str, dest: str | Path, *, sha256: str) -> Path:
+    """Download ``url`` to ``dest`` unless ``dest`` already holds the file; return ``dest``.
+
+    The bytes stream into a temporary file beside ``dest`` while being hashed; only when their
+    SHA-256 equals ``sha256`` is the file renamed to ``dest``. On a mismatch the temporary file is
+    deleted and ValueError names the URL and both hashes, so a corrupt or tampered download is
+    never used. An existing ``dest`` with another hash is an error too (it is not deleted).
+    """
+    dest = Path(dest)
+    expected = sha256.lower()
+    if dest.is_file():
+        actual = file_sha256(dest)
+        if actual != expected:
+            raise ValueError(
+                f"{dest} exists but its SHA-256 is {actual}, not the expected {expected}: the "
+                "file is corrupt, truncated or not the published one; delete it and download again"
+            )
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    temp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, renamed on success)
+        dir=dest.parent, prefix=f".{dest.name}.", suffix=".part", delete=False
+    )
+    try:
+        digest = hashlib.sha256()
+        request = urllib.request.Request(url, headers={"User-Agent": "barlow"})
+        with temp:
+            try:
+                with urllib.request.urlopen(request, timeout=60) as response:
+                    while chunk := response.read(1 << 20):
+                        digest.update(chunk)
+                        temp.write(chunk)
+            except OSError as e:  # URLError, timeouts, connection resets
+                raise ConnectionError(
+                    f"cannot download {url}: {e}; check the network, or fetch the file by hand "
+                    f"into {dest.parent} (SHA-256 {expected})"
+                ) from e
+        actual = digest.hexdigest()
+        if actual != expected:
+            raise ValueError(
+                f"download of {url} has SHA-256 {actual}, not the expected {expected}: corrupt "
+                "or tampered with, so it was deleted; try again later or from another network"
+            )
+        os.replace(temp.name, dest)
+    except BaseException:
+        Path(temp.name).unlink(missing_ok=True)
+        raise
+    return dest
+
+
+def extract_tar(archive: str | Path, directory: str | Path) -> None:
+    """Unpack a tar archive into ``directory`` with the ``"data"`` filter (PEP 706).
+
+    The filter refuses absolute paths, ``..`` components, links pointing outside ``directory``
+    and device files; without it Python < 3.14 trusts every member. Raises ValueError naming the
+    archive and the refused member.
+    """
+    if not hasattr(tarfile, "data_filter"):
+        raise RuntimeError(
+            "safe tar extraction needs Python >= 3.11.4 (tarfile's filter='data'); upgrade Python"
+        )
+    try:
+        with tarfile.open(archive) as tar:
+            tar.extractall(directory, filter="data")
+    except tarfile.FilterError as e:
+        raise ValueError(
+            f"refusing to unpack {archive}: {e}; a dataset archive never needs that, so the file "
+            "is not the published one; delete it"
+        ) from e
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise ValueError(f"{archive} is not a readable tar archive ({e}); delete it") from e
+
+
+def _fetch(name: str, directory: Path) -> list[Path]:
+    """Download (SHA-256 checked) the files of dataset ``name`` into ``directory``."""
+    return [
+        download_file(remote.url, directory / remote.filename, sha256=remote.sha256)
+        for remote in DOWNLOADS[name]
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,8 +444,7 @@ def _fashion_mnist(split: Split, root: str | Path | None, download: bool) -> Ten
     found = _first_idx_pair(searched, stems)
     if found is None and download:
         download_root = _default_root("fashion-mnist") if root is None else Path(root).expanduser()
-        # torchvision fetches the four .gz files (md5-checked) into download_root/FashionMNIST/raw.
-        tv_datasets.FashionMNIST(str(download_root), train=split != "test", download=True)
+        _fetch("fashion-mnist", download_root)  # the four .gz files, read as they are
         found = _first_idx_pair(searched, stems)
     if found is not None:
         return _fashion_mnist_arrays(*found)
@@ -301,7 +454,7 @@ def _fashion_mnist(split: Split, root: str | Path | None, download: bool) -> Ten
         f"  {places}\n"
         "Get them with one of: `apt-get install dataset-fashion-mnist`; "
         "`--data-root DIR` (a directory holding the four IDX files); "
-        "`--set data.download=true` (downloads with torchvision)"
+        "`--set data.download=true` (downloads them, SHA-256 checked)"
     )
 
 
@@ -345,7 +498,17 @@ def _torchvision_dataset(
     else:
         kwargs = {"train": split != "test"}
     try:
-        dataset = dataset_cls(str(directory), download=download, **kwargs)
+        try:
+            dataset = dataset_cls(str(directory), download=False, **kwargs)
+        except RuntimeError:
+            if not download:
+                raise
+            if name in DOWNLOADS:
+                # our own download: SHA-256 checked, unpacked with the safe tar filter
+                for archive in _fetch(name, directory):
+                    extract_tar(archive, directory)
+            # STL-10: torchvision downloads it (MD5-checked; no published SHA-256)
+            dataset = dataset_cls(str(directory), download=name not in DOWNLOADS, **kwargs)
     except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
         raise FileNotFoundError(
             f"{name} not found or incomplete in {directory / folder}; download it to "
@@ -375,47 +538,64 @@ class CorruptImageError(ValueError):
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def _rgb_array(image: Image.Image) -> np.ndarray:
-    """(H, W, 3) uint8 from any PIL mode (L, LA, P, RGBA, CMYK, I;16, …)."""
+def _pixels(image: Image.Image, channels: int) -> np.ndarray:
+    """(H, W, channels) uint8 from any PIL mode (L, LA, P, RGBA, CMYK, I;16, …): 1 channel is
+    ITU-R 601 luma (PIL's "L"), 3 is RGB; alpha is dropped."""
     if image.mode in _SIXTEEN_BIT_MODES:
         grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
+        return np.repeat(grey[:, :, None], channels, axis=2)
     if image.mode in ("P", "PA") and "transparency" in image.info:
         # PIL warns when a palette with transparency goes to RGB directly.
         image = image.convert("RGBA")
-    return np.array(image.convert("RGB"))
+    rgb = image.convert("RGB")
+    if channels == 1:
+        return np.array(rgb.convert("L"))[:, :, None]
+    return np.array(rgb)
 
 
-def read_image(path: str | Path) -> Tensor:
-    """Decode an image file to a uint8 RGB tensor (3, H, W).
+def read_image(path: str | Path, *, channels: int = 3) -> Tensor:
+    """Decode an image file to a uint8 tensor (channels, H, W): 3 for RGB, 1 for greyscale.
 
     Raises CorruptImageError naming the file when it cannot be decoded, is truncated, or exceeds
     PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, kept at PIL's default).
     """
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels!r}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                rgb = _rgb_array(image)
+                pixels = _pixels(image, channels)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise CorruptImageError(
+            f"image {path} is larger than PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} "
+            f"pixels allows ({e}); it may be a decompression bomb. Remove it, or if you trust it "
+            "raise that limit to a number (never None)"
+        ) from e
     # Any failure while decoding this one file is about this file (PIL plugins raise OSError,
     # SyntaxError, ValueError, struct.error, …); name it so the user can remove it.
     except Exception as e:
-        raise CorruptImageError(f"cannot decode image {path}: {type(e).__name__}: {e}") from e
-    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+        raise CorruptImageError(
+            f"cannot decode image {path} (corrupt or truncated?): {type(e).__name__}: {e}"
+        ) from e
+    return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
 
 class ImageFiles(Dataset[tuple[Tensor, int]]):
     """Image files decoded with PIL on access; ``samples`` holds (path, label), −1 unlabelled."""
 
-    def __init__(self, root: Path, samples: list[tuple[str, int]], classes: list[str]) -> None:
+    def __init__(
+        self, root: Path, samples: list[tuple[str, int]], classes: list[str], channels: int = 3
+    ) -> None:
         self.root, self.samples, self.classes = root, samples, classes
+        self.channels = channels  # every image is converted to this many (1 or 3)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.samples[index]
-        return read_image(path), label
+        return read_image(path, channels=self.channels), label
 
     @property
     def labelled(self) -> bool:

@@ -154,6 +154,15 @@ def all_reduce_mean(x: Tensor) -> Tensor:
     return all_reduce_sum(x) / world_size()
 
 
+def any_ranks(*flags: bool, device: torch.device) -> tuple[bool, ...]:
+    """Each flag OR-ed over all ranks, in one all-reduce (see :func:`any_rank`)."""
+    if world_size() == 1:
+        return tuple(flags)
+    votes = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.SUM)
+    return tuple(bool(v > 0) for v in votes.tolist())
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True when ``flag`` is True on at least one rank, so all ranks take the same branch.
 
@@ -174,6 +183,15 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: object) -> list[object]:
+    """Every rank's ``obj``, in rank order, on every rank (pickled; for small objects)."""
+    if world_size() == 1:
+        return [obj]
+    boxes: list[object] = [None] * world_size()
+    dist.all_gather_object(boxes, obj)
+    return boxes
 
 
 def _int_from_env(name: str, *, default: int) -> int:

@@ -7,9 +7,11 @@ Redundancy Reduction", ICML 2021, arXiv:2103.03230.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any, Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -215,3 +217,385 @@ def _autocast_disabled(device_type: str) -> contextlib.AbstractContextManager[An
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+# --- non-contrastive losses ---
+# BYOL: Grill et al., "Bootstrap Your Own Latent", NeurIPS 2020, arXiv:2006.07733.
+# SimSiam: Chen & He, "Exploring Simple Siamese Representation Learning", CVPR 2021,
+# arXiv:2011.10566.
+# VICReg: Bardes, Ponce & LeCun, "VICReg: Variance-Invariance-Covariance Regularization for
+# Self-Supervised Learning", ICLR 2022, arXiv:2105.04906.
+
+
+class VICRegLossOutput(NamedTuple):
+    """Result of :func:`vicreg_loss`: 0-d float32 tensors (float64 for float64 input); the three
+    terms are not multiplied by their coefficients."""
+
+    loss: Tensor  # sim_coeff·invariance + std_coeff·variance + cov_coeff·covariance
+    invariance: Tensor  # mean over N·D of (z1 − z2)²
+    variance: Tensor  # ½ Σ_views mean_j max(0, γ − sqrt(Var z_j + ε))
+    covariance: Tensor  # Σ_views Σ_{i≠j} C_ij² / D
+
+
+def normalized_mse(p: Tensor, z: Tensor) -> Tensor:
+    """BYOL's regression loss: ‖p̂ − ẑ‖² = 2 − 2·cos(p, z) per image, averaged over the batch.
+
+    p: (N_local, D) online predictions; z: (N_local, D) target projections of the *other* view,
+    row n of both from the same image. p̂ = p / max(‖p‖, 1e-12), likewise ẑ. z is a constant
+    (stop-gradient): the loss detaches it. BYOL's total loss sums both directions,
+    ``normalized_mse(p1, z2') + normalized_mse(p2, z1')`` (Grill et al., 2020, Eq. 2 and the
+    symmetrised L + L̃), so it lies in [0, 8]; each direction here is a batch *mean*, as in the
+    released code.
+
+    Distributed: the per-image values are gathered with gradient, so every rank returns the mean
+    over the global batch, and after DDP's averaging the gradients equal one process on the
+    concatenated batch (each rank's rows get W·∂L/∂p from the gather's backward, DDP divides by W).
+    Every rank must call it with the same N_local. Float32 inside, also under autocast.
+    Raises ``ValueError`` for non-2-D or mismatched shapes, an empty batch or NaN/Inf input.
+    """
+    return 2 - 2 * _global_mean_cosine(p, z)
+
+
+def negative_cosine(p: Tensor, z: Tensor) -> Tensor:
+    """SimSiam's D(p, z) = −cos(p, stopgrad(z)), averaged over the batch; a value in [−1, 1].
+
+    p: (N_local, D) predictor outputs; z: (N_local, D) projector outputs of the *other* view. The
+    loss detaches z. SimSiam's symmetric loss is ``½·D(p1, z2) + ½·D(p2, z1)`` (Chen & He, 2021,
+    Eq. 2–4). Distributed, precision and errors: as :func:`normalized_mse` (global-batch mean).
+    """
+    return -_global_mean_cosine(p, z)
+
+
+def vicreg_loss(
+    z1: Tensor,
+    z2: Tensor,
+    sim_coeff: float = 25.0,
+    std_coeff: float = 25.0,
+    cov_coeff: float = 1.0,
+    *,
+    gamma: float = 1.0,
+    eps: float = 1e-4,
+    path: LossPath = "auto",
+) -> VICRegLossOutput:
+    """VICReg: invariance + variance + covariance regularisation (Bardes et al., 2022, Eq. 1–6).
+
+    z1, z2: (N_local, D) projector outputs of the two views, row n of both from the same image.
+    All three terms use the *global* batch of N images (gathered with gradient), with
+    z̄ = z − mean_batch(z):
+
+        s = (1 / (N·D)) Σ_n ‖z1_n − z2_n‖²                          invariance (MSE)
+        v = ½ Σ_{z∈{z1,z2}} (1/D) Σ_j max(0, γ − sqrt(Var(z_j) + ε))   Var unbiased (N − 1)
+        c = Σ_{z∈{z1,z2}} (1/D) Σ_{i≠j} C(z)_ij²,  C(z) = z̄ᵀz̄ / (N − 1)
+        L = sim_coeff·s + std_coeff·v + cov_coeff·c                 paper: 25, 25, 1; γ 1, ε 1e-4
+
+    The ½ in v follows the released code (the paper's Eq. 6 writes v(Z) + v(Z'); its 25/25/1
+    were tuned with the code's form). ``path`` chooses how Σ_{i≠j} C_ij² is computed:
+    "correlation" from the D×D matrix with its diagonal zeroed (~4·N·D² flops forward and
+    backward, memory D²); "gram" as ‖z̄z̄ᵀ‖²_F − Σ_j ‖z̄_j‖⁴ from the N×N Gram matrix (~4·N²·D,
+    memory N²; ‖z̄ᵀz̄‖²_F = ‖z̄z̄ᵀ‖²_F); "auto" the Gram matrix when N < D. They agree to float32
+    rounding: the Gram form is a difference, off by ~1e-7·‖C‖²_F, negligible unless C is
+    close to diagonal with very unequal variances.
+
+    Distributed: as :func:`barlow_twins_loss` — every rank computes L on the gathered global
+    batch, so loss and gradients after DDP's averaging equal one process on the concatenated
+    batch (the released code's invariance term uses the local batch only; its gradient is the
+    same, its value is not). Every rank must call it with the same (N_local, D). Float32 inside,
+    also under autocast. Raises ``ValueError`` for bad shapes, a global batch < 2, NaN/Inf
+    input, negative coefficients, γ ≤ 0, ε ≤ 0 or an unknown ``path``.
+    """
+    _check_vicreg_arguments(sim_coeff, std_coeff, cov_coeff, gamma, eps, path)
+    _check_pair(z1, z2, ("z1", "z2"))
+    dtype = torch.promote_types(z1.dtype, torch.float32)
+    with _autocast_disabled(z1.device.type):
+        z1, z2 = z1.to(dtype), z2.to(dtype)
+        if distributed.world_size() > 1:
+            z1, z2 = distributed.gather_with_grad(z1), distributed.gather_with_grad(z2)
+        _check_global_batch(z1, z2)
+        n, d = z1.shape
+        gram = path == "gram" or (path == "auto" and n < d)
+        invariance = (z1 - z2).square().mean()
+        variance = z1.new_zeros(())
+        covariance = z1.new_zeros(())
+        for z in (z1, z2):
+            centred = z - z.mean(dim=0)
+            var = centred.square().sum(dim=0) / (n - 1)
+            variance = variance + (gamma - torch.sqrt(var + eps)).clamp_min(0).mean() / 2
+            off_diagonal_sq = _OffDiagonalSquaredSum.apply(centred, gram) / (n - 1) ** 2
+            covariance = covariance + off_diagonal_sq / d
+        loss = sim_coeff * invariance + std_coeff * variance + cov_coeff * covariance
+    return VICRegLossOutput(loss, invariance, variance, covariance)
+
+
+class _OffDiagonalSquaredSum(torch.autograd.Function):
+    """Σ_{i≠j} (AᵀA)_ij² for A of shape (N, D), from either product, with a one-product backward.
+
+    - D×D (``gram=False``): M = AᵀA with its diagonal zeroed; value ‖M‖²_F, gradient 4·A·M.
+      Exact: no difference of large sums.
+    - N×N (``gram=True``): G = AAᵀ, d_j = ‖A_{:,j}‖² (the diagonal of AᵀA); since
+      ‖AᵀA‖²_F = ‖AAᵀ‖²_F the value is ‖G‖²_F − ‖d‖², gradient 4·(G·A − A·diag(d)). In float32
+      its absolute error is ~1e-7·‖AᵀA‖²_F.
+
+    Plain autograd would differentiate the product through both of its operands: two products
+    where one suffices.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, a: Tensor, gram: bool) -> Tensor:
+        ctx.gram = gram
+        if gram:
+            g, d = a @ a.T, a.square().sum(dim=0)
+            ctx.save_for_backward(a, g, d)
+            # Row norms, then a sum: more accurate than one float32 sum over all N² entries.
+            return torch.linalg.vector_norm(g, dim=1).square().sum() - d.square().sum()
+        m = a.T @ a
+        m.fill_diagonal_(0)
+        ctx.save_for_backward(a, m)
+        return torch.linalg.vector_norm(m, dim=1).square().sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        if ctx.gram:
+            a, g, d = ctx.saved_tensors
+            return (g @ a - a * d) * (4 * grad), None
+        a, m = ctx.saved_tensors
+        return (a @ m) * (4 * grad), None
+
+
+def _global_mean_cosine(p: Tensor, z: Tensor) -> Tensor:
+    """Mean over the global batch of cos(p_n, stopgrad(z_n)), float32, differentiable in p."""
+    _check_pair(p, z, ("p", "z"))
+    dtype = torch.promote_types(p.dtype, torch.float32)
+    with _autocast_disabled(p.device.type):
+        p, z = p.to(dtype), z.detach().to(dtype)
+        _check_finite_on_every_rank({"p": p, "z": z})
+        p_hat = p / torch.linalg.vector_norm(p, dim=1, keepdim=True).clamp_min(1e-12)
+        z_hat = z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(1e-12)
+        # Gathering N scalars is all it takes for the global mean; no embeddings cross ranks.
+        cosine = distributed.gather_with_grad((p_hat * z_hat).sum(dim=1))
+        return cosine.mean()
+
+
+def _check_pair(a: Tensor, b: Tensor, names: tuple[str, str]) -> None:
+    for name, x in zip(names, (a, b), strict=True):
+        if x.ndim != 2:
+            raise ValueError(
+                f"{name} must be 2-D (batch, dim) embeddings, got shape {tuple(x.shape)}; "
+                "flatten the head's output to (N, D)"
+            )
+    if a.shape != b.shape:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same shape, got {tuple(a.shape)} and "
+            f"{tuple(b.shape)}; give both the same output width and the same images"
+        )
+    if a.shape[0] == 0:
+        raise ValueError(f"{names[0]} and {names[1]} hold no samples; pass a non-empty batch")
+
+
+def _check_finite_on_every_rank(tensors: dict[str, Tensor]) -> None:
+    # Counted over ranks (one small all-reduce, one host sync) so that every rank raises together
+    # instead of one leaving the others waiting in the next collective.
+    flags = torch.stack([~torch.isfinite(t).all() for t in tensors.values()]).to(torch.int32)
+    bad = distributed.all_reduce_sum(flags).tolist()
+    for name, count in zip(tensors, bad, strict=True):
+        if count:
+            raise ValueError(
+                f"{name} contains NaN or Inf values; training has diverged or the input is "
+                "corrupt: lower the learning rate, use bf16/fp32 instead of fp16, or check the data"
+            )
+
+
+def _check_vicreg_arguments(
+    sim_coeff: float, std_coeff: float, cov_coeff: float, gamma: float, eps: float, path: str
+) -> None:
+    if path not in LOSS_PATHS:
+        raise ValueError(f"unknown path={path!r}; choose one of {', '.join(LOSS_PATHS)}")
+    for name, value, paper in (
+        ("sim_coeff", sim_coeff, 25.0),
+        ("std_coeff", std_coeff, 25.0),
+        ("cov_coeff", cov_coeff, 1.0),
+    ):
+        if not 0 <= value < float("inf"):
+            raise ValueError(f"{name} must be a finite number >= 0 (paper: {paper}), got {value}")
+    if not 0 < gamma < float("inf"):
+        raise ValueError(f"gamma (the target std) must be > 0 (paper: 1.0), got {gamma}")
+    if not 0 < eps < float("inf"):
+        raise ValueError(f"eps must be > 0 to keep sqrt differentiable (paper: 1e-4), got {eps}")
+
+
+# --- contrastive losses ---
+# SimCLR: Chen, Kornblith, Norouzi & Hinton, "A Simple Framework for Contrastive Learning of
+# Visual Representations", ICML 2020, arXiv:2002.05709.
+# MoCo v2: Chen, Fan, Girshick & He, "Improved Baselines with Momentum Contrastive Learning",
+# arXiv:2003.04297 (MoCo: He et al., CVPR 2020, arXiv:1911.05722).
+# CMC: Tian, Krishnan & Isola, "Contrastive Multiview Coding", ECCV 2020, arXiv:1906.05849.
+#
+# Distributed convention, shared by the three: each rank scores only its own anchors against the
+# candidates it needs (gathered with gradient where they come from the batch), and returns
+# loss = local mean + (global mean − local mean).detach(). The value is the global-batch loss on
+# every rank (so every rank logs, and stops on, the same number); the gradient is the local
+# mean's. A rank's rows then get Σ_ranks ∂L_rank/∂rows (the gather's backward sums the candidate
+# terms), i.e. W·∂L/∂rows as for barlow_twins_loss, and DDP's averaging makes it exact.
+
+
+class ContrastiveLossOutput(NamedTuple):
+    """Result of the contrastive losses: 0-d float32 tensors (float64 for float64 input)."""
+
+    loss: Tensor  # the InfoNCE / NT-Xent value on the global batch
+    positive_similarity: Tensor  # mean cosine similarity of the positive pairs (detached)
+    accuracy: Tensor  # fraction of anchors whose positive has the largest logit (detached)
+
+
+def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float = 0.5) -> ContrastiveLossOutput:
+    """SimCLR's NT-Xent: each of the 2N views against the other 2N − 1 (Chen et al., 2020, Eq. 1).
+
+    z1, z2: (N_local, D) projector outputs of the two views, row n of both from the same image.
+    Over the global batch of N images, u = z / ‖z‖ for all 2N views, s_ij = u_iᵀu_j / τ and p(i)
+    the other view of image i:
+
+        ℓ_i = −log( exp(s_i,p(i)) / Σ_{k≠i} exp(s_ik) ),        L = (1 / 2N) Σ_i ℓ_i
+
+    τ = ``temperature`` (paper: 0.5 for small batches, 0.1 with LARS at batch 4096). Symmetric
+    in the two views. Distributed: every rank's 2·N_local anchors are scored against all 2N views
+    gathered with gradient, the positive's column offset by rank · N_local (see the convention
+    above this function). Float32 inside, also under autocast. Raises ``ValueError`` for bad
+    shapes, a global batch < 2 (no negatives), NaN/Inf input or a temperature that is not > 0.
+    """
+    _check_temperature(temperature, paper="0.5, or 0.1 at batch 4096")
+    _check_pair(z1, z2, ("z1", "z2"))
+    world, n_local = distributed.world_size(), z1.shape[0]
+    _check_negatives(n_local * world)
+    dtype = torch.promote_types(z1.dtype, torch.float32)
+    with _autocast_disabled(z1.device.type):
+        u1, u2 = _unit(z1.to(dtype)), _unit(z2.to(dtype))
+        g1, g2 = distributed.gather_with_grad(u1), distributed.gather_with_grad(u2)
+        _check_finite_on_every_rank({"z1": g1, "z2": g2})
+        n = g1.shape[0]
+        anchors = torch.cat([u1, u2])  # (2·N_local, D)
+        candidates = torch.cat([g1, g2])  # (2N, D): all views of rank 0, rank 1, …, then again
+        logits = anchors @ candidates.T / temperature
+        own = torch.arange(n_local, device=z1.device) + distributed.rank() * n_local
+        self_column = torch.cat([own, own + n])
+        positive_column = torch.cat([own + n, own])
+        rows = torch.arange(2 * n_local, device=z1.device)
+        logits = logits.index_put((rows, self_column), logits.new_tensor(float("-inf")))
+        loss = _global_mean(F.cross_entropy(logits, positive_column))
+        with torch.no_grad():
+            positive = (u1 * u2).sum(dim=1).mean()
+            accuracy = (logits.argmax(dim=1) == positive_column).to(dtype).mean()
+    return ContrastiveLossOutput(loss, *_global_logs(positive, accuracy))
+
+
+def info_nce_loss(
+    q: Tensor, k: Tensor, queue: Tensor, temperature: float = 0.2
+) -> ContrastiveLossOutput:
+    """MoCo's InfoNCE: each query against its key and a queue of negatives (He et al., 2020, Eq. 1).
+
+    q: (N_local, D) queries (online encoder), k: (N_local, D) keys of the other view (momentum
+    encoder; pass them detached), queue: (K, D) keys of earlier batches. With unit vectors
+    û = u / ‖u‖ (the queue is normalised here too, a no-op for a queue of unit keys):
+
+        ℓ_n = −log( exp(q̂_nᵀk̂_n / τ) / (exp(q̂_nᵀk̂_n / τ) + Σ_j exp(q̂_nᵀQ̂_j / τ)) ),
+        L = mean_n ℓ_n                                              τ = ``temperature``
+
+    (MoCo v2: τ 0.2, K 65536.) Every term is per row and the queue is the same on every rank, so
+    nothing is gathered: the value is made the global-batch mean (see the convention above
+    :func:`nt_xent_loss`). Float32 inside, also under autocast. Raises ``ValueError`` for bad
+    shapes, an empty queue, NaN/Inf input or a temperature that is not > 0.
+    """
+    _check_temperature(temperature, paper="0.2 (MoCo v2), 0.07 (MoCo v1)")
+    _check_pair(q, k, ("q", "k"))
+    if queue.ndim != 2 or queue.shape[0] == 0 or queue.shape[1] != q.shape[1]:
+        raise ValueError(
+            f"queue must be (K, D) with K >= 1 keys of the queries' width D = {q.shape[1]}, "
+            f"got shape {tuple(queue.shape)}; build it with the projector's output width"
+        )
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    with _autocast_disabled(q.device.type):
+        q, k, queue = q.to(dtype), k.to(dtype), queue.to(dtype)
+        _check_finite_on_every_rank({"q": q, "k": k, "queue": queue})
+        q_hat, k_hat = _unit(q), _unit(k)
+        positive_logit = (q_hat * k_hat).sum(dim=1, keepdim=True)
+        logits = torch.cat([positive_logit, q_hat @ _unit(queue).T], dim=1) / temperature
+        target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)  # column 0
+        loss = _global_mean(F.cross_entropy(logits, target))
+        with torch.no_grad():
+            positive = positive_logit.mean()
+            accuracy = (logits.argmax(dim=1) == 0).to(dtype).mean()
+    return ContrastiveLossOutput(loss, *_global_logs(positive, accuracy))
+
+
+def multiview_info_nce_loss(
+    views: Sequence[Tensor], temperature: float = 0.07
+) -> ContrastiveLossOutput:
+    """CMC's full-graph InfoNCE over V ≥ 2 views with in-batch negatives (Tian et al., 2019, §3).
+
+    views: V tensors (N_local, D), row n of each from the same image. Over the global batch,
+    u^v = z^v / ‖z^v‖; for an ordered pair (i, j) the anchor u^i_n is scored against every
+    u^j_m of the other view, m over the N images:
+
+        ℓ^{i→j}_n = −log( exp(u^i_nᵀu^j_n / τ) / Σ_m exp(u^i_nᵀu^j_m / τ) )
+        L(V_i, V_j) = mean_n ℓ^{i→j}_n + mean_n ℓ^{j→i}_n,    L = Σ_{i<j} L(V_i, V_j)
+
+    a sum over all V(V − 1)/2 pairs: the paper's "full graph" objective. Negatives are the
+    other images of the global batch (gathered with gradient), not the paper's memory bank of
+    16384 (see the CMC method). τ = ``temperature`` (paper: 0.07). Distributed, precision and
+    errors: as :func:`nt_xent_loss`; ``positive_similarity`` and ``accuracy`` are means over
+    the pairs.
+    """
+    _check_temperature(temperature, paper="0.07")
+    if len(views) < 2:
+        raise ValueError(f"CMC contrasts at least 2 views, got {len(views)}; pass V >= 2 tensors")
+    for v, z in enumerate(views[1:], start=1):
+        _check_pair(views[0], z, ("views[0]", f"views[{v}]"))
+    n_local = views[0].shape[0]
+    _check_negatives(n_local * distributed.world_size())
+    dtype = torch.promote_types(views[0].dtype, torch.float32)
+    with _autocast_disabled(views[0].device.type):
+        units = [_unit(z.to(dtype)) for z in views]
+        gathered = [distributed.gather_with_grad(u) for u in units]
+        _check_finite_on_every_rank({f"views[{v}]": g for v, g in enumerate(gathered)})
+        target = torch.arange(n_local, device=units[0].device) + distributed.rank() * n_local
+        local = units[0].new_zeros(())
+        positive, accuracy = units[0].new_zeros(()), units[0].new_zeros(())
+        pairs = [(i, j) for i in range(len(views)) for j in range(len(views)) if i != j]
+        for i, j in pairs:
+            logits = units[i] @ gathered[j].T / temperature  # (N_local, N)
+            local = local + F.cross_entropy(logits, target)
+            with torch.no_grad():
+                positive += (units[i] * units[j]).sum(dim=1).mean() / len(pairs)
+                accuracy += (logits.argmax(dim=1) == target).to(dtype).mean() / len(pairs)
+        loss = _global_mean(local)
+    return ContrastiveLossOutput(loss, *_global_logs(positive, accuracy))
+
+
+def _unit(z: Tensor) -> Tensor:
+    return F.normalize(z, dim=1, eps=1e-12)
+
+
+def _global_mean(local: Tensor) -> Tensor:
+    """Value: the mean of ``local`` over ranks. Gradient: ``local``'s (DDP averages it)."""
+    if distributed.world_size() == 1:
+        return local
+    return local + (distributed.all_reduce_mean(local) - local.detach())
+
+
+def _global_logs(positive: Tensor, accuracy: Tensor) -> tuple[Tensor, Tensor]:
+    """Detached global-batch means of the two logged scalars (one small all-reduce)."""
+    both = distributed.all_reduce_mean(torch.stack([positive, accuracy]))
+    return both[0], both[1]
+
+
+def _check_temperature(temperature: float, *, paper: str) -> None:
+    if not 0 < temperature < float("inf"):
+        raise ValueError(
+            f"temperature must be a finite number > 0 (paper: {paper}), got {temperature}"
+        )
+
+
+def _check_negatives(global_batch: int) -> None:
+    if global_batch < 2:
+        raise ValueError(
+            f"the global batch has {global_batch} image(s), so there are no negatives to "
+            "contrast with; increase batch_size (and drop a last batch of one with drop_last)"
+        )

@@ -6,7 +6,7 @@ The glue between datasets (``data``), preprocessing (``augment``) and the evalua
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,8 +113,7 @@ class EvalData:
             batch_size=batch_size,
             num_workers=self.num_workers,
         )
-        for images, labels in loader:
-            yield images, labels
+        yield from loader
 
     def features(
         self,
@@ -230,14 +229,26 @@ def _eval_setup(
 
 
 def run_knn(
-    path: str | Path, *, dataset: str | None = None, root: str | None = None, overrides: Sequence[str] = ()
+    path: str | Path,
+    *,
+    dataset: str | None = None,
+    root: str | None = None,
+    overrides: Sequence[str] = (),
 ) -> dict[str, float]:
-    """`barlow knn`: weighted kNN accuracy, printed and merged into metrics.json beside the checkpoint."""
+    """`barlow knn`: weighted kNN accuracy, printed and merged into the run's metrics.json."""
     method, cfg, eval_data, device = _eval_setup(path, dataset, root, overrides)
-    train = eval_data.features(method.backbone, "train", device=device, batch_size=cfg.eval.batch_size, progress=True)
-    test = eval_data.features(method.backbone, "test", device=device, batch_size=cfg.eval.batch_size, progress=True)
+    train = eval_data.features(
+        method.backbone, "train", device=device, batch_size=cfg.eval.batch_size, progress=True
+    )
+    test = eval_data.features(
+        method.backbone, "test", device=device, batch_size=cfg.eval.batch_size, progress=True
+    )
     acc = evaluate.knn_accuracy(
-        train, test, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, num_classes=eval_data.num_classes
+        train,
+        test,
+        k=cfg.eval.knn_k,
+        temperature=cfg.eval.knn_temperature,
+        num_classes=eval_data.num_classes,
     )
     result = {"knn_top1": acc, "k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature}
     print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): {100 * acc:.2f} %")
@@ -257,15 +268,21 @@ def run_linear(
     method, cfg, eval_data, device = _eval_setup(path, dataset, root, overrides)
     backbone = method.backbone
     if protocol == "probe":
-        train = eval_data.features(backbone, "train", device=device, batch_size=cfg.eval.batch_size, progress=True)
-        test = eval_data.features(backbone, "test", device=device, batch_size=cfg.eval.batch_size, progress=True)
-        result = evaluate.linear_probe(train, test, epochs=cfg.eval.probe_epochs, seed=cfg.train.seed)
+        train = eval_data.features(
+            backbone, "train", device=device, batch_size=cfg.eval.batch_size, progress=True
+        )
+        test = eval_data.features(
+            backbone, "test", device=device, batch_size=cfg.eval.batch_size, progress=True
+        )
+        result = evaluate.linear_probe(
+            train, test, epochs=cfg.eval.probe_epochs, seed=cfg.train.seed
+        )
         print(f"linear probe top-1: {100 * result['test_acc']:.2f} %")
     elif protocol == "paper":
         pre = eval_data.preprocess
         result = evaluate.linear_eval(
             backbone,
-            eval_data.shuffled_batches("train", cfg.eval.batch_size, seed=cfg.train.seed),
+            _Reshuffled(eval_data, "train", cfg.eval.batch_size, seed=cfg.train.seed),
             _Replayable(lambda: eval_data.batches("test", cfg.eval.batch_size)),
             num_classes=eval_data.num_classes,
             feature_dim=int(backbone.num_features),  # type: ignore[arg-type]

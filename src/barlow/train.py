@@ -11,7 +11,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from barlow import __version__, checkpoint, data, distributed
 from barlow.augment import MultiView, build_specs, recipe_for
@@ -28,6 +28,7 @@ from barlow.heads import mlp_num_parameters
 from barlow.logbook import Logbook, Progress, console
 from barlow.methods import METHODS, Method, create_method
 from barlow.optim import build_optimizer, scaled_lr, set_learning_rate, warmup_cosine
+from barlow.preemption import Preempted, PreemptionSignals, requeue_slurm_job
 from barlow.report import (
     MAX_PIXEL_FEATURES,
     EvalData,
@@ -43,18 +44,74 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the run stops before anything non-finite is saved."""
 
 
-class ViewDataset(Dataset[tuple[tuple[Tensor, ...], int]]):
-    """Pairs (or K-tuples) of augmented views of each image, with its label (−1 if none)."""
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one image's views in one epoch: a pure function of (seed, epoch, index).
 
-    def __init__(self, dataset: Dataset[tuple[Tensor, int]], views: MultiView) -> None:
-        self.dataset, self.views = dataset, views
+    Views then do not depend on the number of processes or loader workers, nor on where a run was
+    interrupted, which is what makes a resumed run bit-identical to an uninterrupted one.
+    """
+    return ((seed * 1_000_003 + epoch) * 2_147_483_647 + index) % (2**63 - 1)
+
+
+class ViewDataset(Dataset[tuple[tuple[Tensor, ...], int]]):
+    """Pairs (or K-tuples) of augmented views of each image, with its label (−1 if none).
+
+    Indexed by ``(epoch, index)`` (see :class:`EpochOrder`); the views of that image in that epoch
+    are drawn from a generator seeded with :func:`sample_seed`.
+    """
+
+    def __init__(self, dataset: Dataset[tuple[Tensor, int]], views: MultiView, seed: int) -> None:
+        self.dataset, self.views, self.seed = dataset, views, seed
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> tuple[tuple[Tensor, ...], int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[tuple[Tensor, ...], int]:
+        epoch, index = key
         image, label = self.dataset[index]
-        return self.views(image), label
+        # torchvision's transforms draw from the global CPU generator: seed it for this image and
+        # put the caller's state back afterwards (torch.manual_seed would also visit every
+        # accelerator backend, ~100× slower than seeding the CPU generator alone).
+        generator = torch.default_generator
+        saved = generator.get_state()
+        generator.manual_seed(sample_seed(self.seed, epoch, index))
+        try:
+            return self.views(image), label
+        finally:
+            generator.set_state(saved)
+
+
+class EpochOrder(Sampler[tuple[int, int]]):
+    """This process's ``(epoch, index)`` pairs for one epoch, optionally from a batch onwards.
+
+    The order is ``DistributedSampler``'s: a pure function of (seed, epoch, rank, world size),
+    used in one process too so that resuming and scaling out see the same order. The tail that
+    does not fill a global batch is dropped (BatchNorm needs full batches).
+    """
+
+    def __init__(
+        self, dataset: Dataset[Any], *, world: int, rank: int, seed: int, local_batch: int
+    ) -> None:
+        self.order: DistributedSampler[Any] = DistributedSampler(
+            dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.local_batch = local_batch
+        self.batches = len(self.order) // local_batch
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, *, start_batch: int = 0) -> None:
+        """Walk ``epoch``'s order, skipping its first ``start_batch`` batches (a resume)."""
+        if not 0 <= start_batch <= self.batches:
+            raise ValueError(f"start_batch {start_batch} outside [0, {self.batches}]")
+        self.order.set_epoch(epoch)
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(self.order)[self.start_batch * self.local_batch :]
+        return ((self.epoch, i) for i in indices[: len(self)])
+
+    def __len__(self) -> int:
+        return (self.batches - self.start_batch) * self.local_batch
 
 
 @dataclass
@@ -68,7 +125,7 @@ class Precision:
         if device.type != "cuda":
             if name in ("bf16", "fp16"):
                 raise ValueError(
-                    f"train.precision={name} needs a GPU; on {device.type} use precision=fp32 or auto"
+                    f"train.precision={name} needs a GPU; on {device.type} use fp32 or auto"
                 )
             return cls(None)
         if name == "auto":
@@ -128,24 +185,62 @@ def _check_resumable(saved: dict[str, Any], cfg: Config) -> None:
 
 
 def _epoch_loader(
-    dataset: Dataset[Any], cfg: Config, *, world: int, rank: int, device: torch.device
-) -> tuple[DataLoader[Any], DistributedSampler[Any]]:
+    dataset: ViewDataset, cfg: Config, *, world: int, rank: int, device: torch.device
+) -> tuple[DataLoader[Any], EpochOrder]:
     local_batch = cfg.train.batch_size // world
-    # The sampler makes the data order a pure function of (seed, epoch, rank, world size); it is
-    # used in one process too so that resuming and scaling out see the same order.
-    sampler = DistributedSampler(
-        dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed, drop_last=True
+    order = EpochOrder(
+        dataset, world=world, rank=rank, seed=cfg.train.seed, local_batch=local_batch
     )
     loader = DataLoader(
         dataset,
         batch_size=local_batch,
-        sampler=sampler,
-        drop_last=True,  # the loss divides by the true batch size, but BN needs full batches
+        sampler=order,
+        drop_last=True,
         num_workers=cfg.data.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=cfg.data.num_workers > 0,
     )
-    return loader, sampler
+    return loader, order
+
+
+def _nonfinite_message(
+    loss: Tensor,
+    logs: dict[str, Tensor],
+    step: int,
+    epoch: int,
+    last_saved: str | None,
+    out: Path,
+) -> str:
+    terms = {k: float(v) for k, v in logs.items()}
+    return (
+        f"loss is {float(loss)} at step {step} (epoch {epoch + 1}); terms {terms}; last good "
+        f"checkpoint: {last_saved or 'none yet'}. Try a lower optim.lr, a longer "
+        "optim.warmup_epochs, or train.precision=fp32/bf16 instead of fp16; "
+        "train.skip_nonfinite=N skips up to N such steps"
+    )
+
+
+def _online_knn(
+    method: Method, eval_data: EvalData, cfg: Config, device: torch.device
+) -> dict[str, float]:
+    """kNN accuracy of the current backbone on the labelled splits (the per-epoch monitor)."""
+    from barlow.evaluate import knn_accuracy
+
+    start = time.perf_counter()
+    train_f, test_f = (
+        eval_data.features(
+            method.backbone, split, device=device, batch_size=cfg.eval.batch_size, progress=False
+        )
+        for split in ("train", "test")
+    )
+    top1 = knn_accuracy(
+        train_f,
+        test_f,
+        k=cfg.eval.knn_k,
+        temperature=cfg.eval.knn_temperature,
+        num_classes=eval_data.num_classes,
+    )
+    return {"knn_top1": top1, "knn_time_s": time.perf_counter() - start}
 
 
 def pretrain(
@@ -178,7 +273,7 @@ def pretrain(
     distributed.barrier()
     show = main and (progress if progress is not None else True)
 
-    torch.manual_seed(cfg.train.seed + rank)  # augmentations differ per rank; DDP syncs weights
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
 
     info = data.dataset_info(cfg.data.dataset)
     crop = cfg.data.crop_size or info.image_size
@@ -194,7 +289,11 @@ def pretrain(
         cfg.data.dataset, split="unlabeled", root=cfg.data.root, download=cfg.data.download
     )
     loader, sampler = _epoch_loader(
-        ViewDataset(train_set, MultiView(specs)), cfg, world=world, rank=rank, device=device
+        ViewDataset(train_set, MultiView(specs), seed=cfg.train.seed),
+        cfg,
+        world=world,
+        rank=rank,
+        device=device,
     )
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -211,7 +310,8 @@ def pretrain(
             params = mlp_num_parameters(method.backbone.num_features, projector)  # type: ignore[arg-type]
             extra = f", projector {projector}: {params / 1e6:.1f} M parameters"
         console(
-            f"barlow {__version__}: {cfg.method.name} on {cfg.data.dataset} ({len(train_set)} images, "  # type: ignore[arg-type]
+            f"barlow {__version__}: {cfg.method.name} on {cfg.data.dataset} "
+            f"({len(train_set)} images, "  # type: ignore[arg-type]
             f"views {recipe!r} at {crop} px), {cfg.model.backbone}{extra}; {world} process(es) on "
             f"{device}, {steps_per_epoch} steps/epoch"
         )
@@ -242,18 +342,33 @@ def pretrain(
 
     total_steps = cfg.train.epochs * steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * steps_per_epoch)
-    start_epoch, global_step = 0, 0
+    if warmup_steps > total_steps:
+        # A recipe shortened from the command line (--epochs 1) keeps working: warm up all along.
+        if main:
+            console(
+                f"optim.warmup_epochs={cfg.optim.warmup_epochs} is longer than the run "
+                f"({cfg.train.epochs} epochs): warming up over the whole run"
+            )
+        warmup_steps = total_steps
+    start_epoch, start_batch, global_step = 0, 0, 0
     if resume_from is not None or (resume and not main):
         state = checkpoint.load_checkpoint(out / CHECKPOINT_NAME, map_location="cpu")
         _check_resumable(state, cfg)
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
-        checkpoint.set_rng_state(state["rng"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        rngs = state["rng"]
+        checkpoint.set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
         start_epoch, global_step = int(state["epoch"]), int(state["global_step"])
+        start_batch = int(state.get("step_in_epoch", 0))
+        if start_batch >= steps_per_epoch:
+            start_epoch, start_batch = start_epoch + 1, 0
         if main:
+            where = f", batch {start_batch}" if start_batch else ""
             console(
-                f"resumed from {out / CHECKPOINT_NAME} at epoch {start_epoch}, step {global_step}"
+                f"resumed from {out / CHECKPOINT_NAME} at epoch {start_epoch + 1}{where}, "
+                f"step {global_step}"
             )
 
     if main:
@@ -280,7 +395,10 @@ def pretrain(
         except (FileNotFoundError, ValueError) as exc:
             console(f"no online kNN: {exc}")
 
-    def save(epoch: int) -> None:
+    def save(epoch: int, step_in_epoch: int = 0) -> None:
+        """Checkpoint after ``epoch`` complete epochs and ``step_in_epoch`` batches of the next."""
+        # Every process's RNG goes in, so a resume continues each stream where it was.
+        rngs = distributed.all_gather_object(checkpoint.rng_state())
         if not main:
             return
         checkpoint.save_checkpoint(
@@ -289,28 +407,32 @@ def pretrain(
                 "barlow_version": __version__,
                 "config": cfg.to_dict(),
                 "epoch": epoch,
+                "step_in_epoch": step_in_epoch,
                 "global_step": global_step,
                 "method": method.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "rng": checkpoint.rng_state(),
+                "rng": rngs,
             },
             out / CHECKPOINT_NAME,
         )
 
-    last_saved = start_epoch if resume_from is not None else None
+    last_saved: str | None = "the one resumed from" if resume_from is not None else None
+    skipped = 0
     epoch_metrics: dict[str, Any] = {}
-    try:
+    stopped_early = False
+    signals = PreemptionSignals()
+    with signals, contextlib.closing(logbook):
         for epoch in range(start_epoch, cfg.train.epochs):
-            sampler.set_epoch(epoch)
+            first_batch = start_batch if epoch == start_epoch else 0
+            sampler.set_epoch(epoch, start_batch=first_batch)
             step_model.train()
             epoch_start = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
             steps_done = 0
             description = f"epoch {epoch + 1}/{cfg.train.epochs}"
-            for i, (views, _) in enumerate(
-                bar.wrap(loader, total=steps_per_epoch, description=description)
-            ):
+            batches = bar.wrap(loader, total=len(loader), description=description)
+            for i, (views, _) in enumerate(batches, start=first_batch):
                 lr = warmup_cosine(
                     global_step,
                     total_steps=total_steps,
@@ -325,28 +447,35 @@ def pretrain(
                 with precision.autocast(device):
                     output = step_model(views)
                 loss = output.loss
-                # One host sync per step: a non-finite loss must stop the run before the
-                # optimizer writes NaN into the weights (and then into a checkpoint).
-                if not torch.isfinite(loss).item():
-                    terms = {k: float(v) for k, v in output.logs.items()}
-                    last = (
-                        f"{out / CHECKPOINT_NAME} (epoch {last_saved})"
-                        if last_saved
-                        else "none yet"
+                # One host sync per step, agreed by all ranks: a non-finite loss must stop the run
+                # (or skip the step) before the optimizer writes NaN into the weights, and a
+                # preemption signal must stop every rank at the same step.
+                nonfinite, preempt = distributed.any_ranks(
+                    not bool(torch.isfinite(loss).item()), signals.requested, device=device
+                )
+                if nonfinite:
+                    skipped += 1
+                    message = _nonfinite_message(
+                        loss, output.logs, global_step, epoch, last_saved, out
                     )
-                    raise NonFiniteLossError(
-                        f"loss is {loss.item()} at step {global_step} (epoch {epoch + 1}); terms {terms}; "
-                        f"last good checkpoint: {last}. Try a lower optim.lr, a longer "
-                        "optim.warmup_epochs, or train.precision=fp32/bf16 instead of fp16."
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                    if skipped > cfg.train.skip_nonfinite:
+                        raise NonFiniteLossError(message)
+                    optimizer.zero_grad(set_to_none=True)
+                    if main:
+                        console(
+                            f"skipped a step ({skipped}/{cfg.train.skip_nonfinite} allowed): "
+                            + message.split("; last good")[0]
+                        )
+                    logbook.write({"skipped_nonfinite": skipped}, step=global_step)
+                else:
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+                    loss_sum += loss.detach()
+                    steps_done += 1
                 global_step += 1
                 method.after_step(global_step / total_steps)
-                loss_sum += loss.detach()
-                steps_done += 1
                 if global_step % cfg.train.log_every == 0 or i == steps_per_epoch - 1:
                     elapsed = time.perf_counter() - epoch_start
                     fields = {
@@ -354,12 +483,32 @@ def pretrain(
                         "loss": loss.detach(),
                         **output.logs,
                         "lr": lr,
-                        "images_per_s": (i + 1) * cfg.train.batch_size / max(elapsed, 1e-9),
+                        "images_per_s": (i + 1 - first_batch)
+                        * cfg.train.batch_size
+                        / max(elapsed, 1e-9),
                     }
                     logbook.write(fields, step=global_step)
                     bar.update(i + 1, steps_per_epoch, description, fields)
-                if cfg.train.max_steps is not None and global_step >= cfg.train.max_steps:
+                out_of_steps = (
+                    cfg.train.max_steps is not None and global_step >= cfg.train.max_steps
+                )
+                if (preempt or out_of_steps) and i + 1 < steps_per_epoch:
+                    save(epoch, i + 1)  # mid-epoch: the resume skips the batches done
+                    stopped_early = True
+                    if preempt:
+                        if main:
+                            console(
+                                f"{signals.signal_name or 'preemption signal'}: saved "
+                                f"{out / CHECKPOINT_NAME} at epoch {epoch + 1}, batch {i + 1} "
+                                f"(step {global_step}); continue with --resume"
+                            )
+                            if cfg.train.requeue:
+                                requeue_slurm_job()
+                        distributed.barrier()
+                        raise Preempted(f"preempted at step {global_step}")
                     break
+            if stopped_early:
+                break
             epoch_time = time.perf_counter() - epoch_start
             mean_loss = distributed.all_reduce_mean(loss_sum / max(steps_done, 1))
             epoch_metrics = {
@@ -373,31 +522,7 @@ def pretrain(
             )
             every = cfg.eval.online_knn_every
             if eval_data is not None and every and ((epoch + 1) % every == 0 or is_last):
-                knn_start = time.perf_counter()
-                train_f = eval_data.features(
-                    method.backbone,
-                    "train",
-                    device=device,
-                    batch_size=cfg.eval.batch_size,
-                    progress=False,
-                )
-                test_f = eval_data.features(
-                    method.backbone,
-                    "test",
-                    device=device,
-                    batch_size=cfg.eval.batch_size,
-                    progress=False,
-                )
-                from barlow.evaluate import knn_accuracy
-
-                epoch_metrics["knn_top1"] = knn_accuracy(
-                    train_f,
-                    test_f,
-                    k=cfg.eval.knn_k,
-                    temperature=cfg.eval.knn_temperature,
-                    num_classes=eval_data.num_classes,
-                )
-                epoch_metrics["knn_time_s"] = time.perf_counter() - knn_start
+                epoch_metrics.update(_online_knn(method, eval_data, cfg, device))
             logbook.write(epoch_metrics, step=global_step, prefix="epoch")
             if main:
                 knn = (
@@ -411,12 +536,10 @@ def pretrain(
                 )
             if (epoch + 1) % cfg.train.checkpoint_every == 0 or is_last:
                 save(epoch + 1)
-                last_saved = epoch + 1
+                last_saved = f"{out / CHECKPOINT_NAME} (epoch {epoch + 1})"
             distributed.barrier()
             if is_last:
                 break
-    finally:
-        logbook.close()
 
     results: dict[str, Any] = {"pretrain": epoch_metrics}
     if main:

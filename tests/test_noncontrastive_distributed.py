@@ -1,0 +1,146 @@
+"""BYOL, SimSiam and VICReg under DDP with 2 Gloo processes holding *different* data.
+
+The distributed rule of DESIGN.md: loss and gradients after DDP's averaging equal one process on
+the concatenated batch; for BYOL also the target network after an optimizer step and
+``after_step``. BatchNorm layers run in eval mode, the documented CPU policy (SyncBatchNorm refuses
+CPU tensors, so per-rank batch statistics would differ from the global ones by design). One
+process-group spawn runs every check; the results are asserted here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+
+from barlow import distributed
+from barlow.methods import METHODS, Method
+from test_distributed import free_port, max_rel_err, rel_err
+
+WORLD_SIZE = 2
+GLOBAL_BATCH = 16
+IN_DIM = 8
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "byol": ("byol", {"projector": "24-12", "predictor_hidden": "20", "target_momentum": 0.9}),
+    "simsiam": ("simsiam", {"projector": "24-12", "predictor_hidden": "6"}),
+    # D = 12 < N = 16 picks the D×D path; the Gram path is checked explicitly.
+    "vicreg/correlation": ("vicreg", {"projector": "24-12", "loss_path": "correlation"}),
+    "vicreg/gram": ("vicreg", {"projector": "24-12", "loss_path": "gram"}),
+}
+PROGRESS = 0.25  # after_step's argument in the BYOL check
+
+
+class TinyBackbone(nn.Module):
+    """A two-layer MLP standing in for an image encoder: (B, IN_DIM) → (B, 16)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(IN_DIM, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.num_features = 16
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.net(x)
+        return out
+
+
+def build(case: str) -> Method:
+    name, kwargs = CASES[case]
+    torch.manual_seed(0)  # the same weights on every rank and in the reference
+    method = METHODS[name](TinyBackbone(), **kwargs)
+    for module in method.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    return method
+
+
+def global_views() -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    x1 = torch.randn(GLOBAL_BATCH, IN_DIM, generator=gen)
+    return x1, x1 + 0.5 * torch.randn(GLOBAL_BATCH, IN_DIM, generator=gen)
+
+
+def shard(x: Tensor, rank: int) -> Tensor:
+    rows = GLOBAL_BATCH // WORLD_SIZE
+    return x[rank * rows : (rank + 1) * rows]
+
+
+def step_results(model: nn.Module, method: Method, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
+    """Loss and gradients of one step; then, after an SGD step and after_step, the parameters."""
+    loss = model([x1, x2]).loss
+    loss.backward()
+    trainable = {n: p for n, p in method.named_parameters() if p.requires_grad}
+    results = {"loss": loss.detach()}
+    results |= {f"grad/{n}": torch.as_tensor(p.grad).clone() for n, p in trainable.items()}
+    torch.optim.SGD(trainable.values(), lr=0.5).step()
+    method.after_step(PROGRESS)
+    results |= {f"param/{n}": p.detach().clone() for n, p in method.named_parameters()}
+    return results
+
+
+def ddp_run(case: str, rank: int) -> dict[str, Tensor]:
+    method = build(case)
+    model = nn.parallel.DistributedDataParallel(method)
+    x1, x2 = global_views()
+    return step_results(model, method, shard(x1, rank), shard(x2, rank))
+
+
+def worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD_SIZE),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        CUDA_VISIBLE_DEVICES="",  # CPU and Gloo even on a GPU machine
+    )
+    torch.set_num_threads(1)
+    distributed.init_from_env(backend="gloo")
+    results = {case: ddp_run(case, rank) for case in CASES}
+    distributed.shutdown()
+    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, Tensor]]]:
+    out_dir = tmp_path_factory.mktemp("ranks")
+    mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+
+
+def single_process(case: str) -> dict[str, Tensor]:
+    method = build(case)
+    return step_results(method, method, *global_views())
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_ddp_step_equals_single_process(
+    ranks: list[dict[str, dict[str, Tensor]]], case: str
+) -> None:
+    reference = single_process(case)
+    assert any(k.startswith("grad/") for k in reference)
+    for result in ranks:
+        assert max_rel_err(result[case], reference) < 1e-5
+
+
+def test_byol_target_moved_and_matches(ranks: list[dict[str, dict[str, Tensor]]]) -> None:
+    reference = single_process("byol")
+    initial = dict(build("byol").named_parameters())
+    targets = [k for k in reference if k.startswith("param/target_")]
+    assert targets
+    for key in targets:
+        assert not torch.equal(reference[key], initial[key.removeprefix("param/")]), key
+        for result in ranks:
+            assert rel_err(result["byol"][key], reference[key]) < 1e-5, key
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_local_shard_gives_a_different_loss(case: str) -> None:
+    """Without the gather a rank would report its shard's loss: the 1e-5 comparison would fail."""
+    x1, x2 = global_views()
+    local = build(case)([shard(x1, 0), shard(x2, 0)]).loss.detach()
+    assert rel_err(local, single_process(case)["loss"]) > 1e-4
