@@ -226,8 +226,12 @@ def run(rounds: int, cases: tuple[Case, ...]) -> str:
         "",
         "kornia is not the same distribution: one random jitter order per batch (ours and",
         "torchvision: per sample), solarize threshold 0.5 (ours: 128/255), bicubic crop without",
-        "antialiasing, no uint8 rounding between steps. Timings move with the machine's load",
-        "(the load average above); compare rows of one run only.",
+        "antialiasing, no uint8 rounding between steps.",
+        "",
+        "Timings move with the machine's load (the load average above); compare rows of one run",
+        "only. With a load above the core count, 2 intra-op threads stall on each other (each of",
+        "the few hundred small operations waits for its slower thread): the 1-thread batched row",
+        "against the 1-worker per-sample row is then the like-for-like (one core each) ratio.",
     ]
     return "\n".join(header + rows + notes) + "\n"
 

@@ -376,7 +376,7 @@ def test_latest_valid_skips_a_truncated_newer_snapshot(tmp_path):
     with pytest.warns(RuntimeWarning, match=re.escape(str(truncated))) as caught:
         found = latest_valid_checkpoint(tmp_path)
     assert found == tmp_path / snapshot_name(10) and len(caught) == 1
-    assert "resuming from" in str(caught[0].message)
+    assert f"using {found}" in str(caught[0].message)
     assert load_checkpoint(found)["global_step"] == 10
 
 
@@ -410,7 +410,7 @@ def test_latest_valid_with_nothing_valid(tmp_path):
     assert latest_valid_checkpoint(tmp_path / "missing") is None
     assert latest_valid_checkpoint(tmp_path) is None
     (tmp_path / "checkpoint.pt").write_bytes(b"\x00" * 10)
-    with pytest.warns(RuntimeWarning, match="none is valid"):
+    with pytest.warns(RuntimeWarning, match="no valid checkpoint is left"):
         assert latest_valid_checkpoint(tmp_path) is None
 
 

@@ -373,6 +373,11 @@ class BatchedView:
                 f"params are for {params.top.shape[0]} samples, images hold {images.shape[0]}; "
                 "sample them with the batch's size"
             )
+        if params.top.device != images.device:
+            raise ValueError(
+                f"params are on {params.top.device}, images on {images.device}; "
+                "move them with params.to(images.device)"
+            )
         return self._apply(images.to(torch.float32), params)
 
     def _apply(self, x: Tensor, params: ViewParams) -> Tensor:
@@ -380,8 +385,18 @@ class BatchedView:
         spec = self.spec
         b, c, h, w = x.shape
         size = spec.crop_size
-        rows = _resize_matrix(params.top, params.height, h, size)  # (B, s, H)
-        cols = _resize_matrix(params.left, params.width, w, size, params.flip)  # (B, s, W)
+        if h == w:  # both matrices in one go: half the (small) operations
+            both = _resize_matrix(
+                torch.cat([params.top, params.left]),
+                torch.cat([params.height, params.width]),
+                h,
+                size,
+                torch.cat([torch.zeros_like(params.flip), params.flip]),
+            )
+            rows, cols = both[:b], both[b:]
+        else:
+            rows = _resize_matrix(params.top, params.height, h, size)  # (B, s, H)
+            cols = _resize_matrix(params.left, params.width, w, size, params.flip)  # (B, s, W)
         # horizontal pass, then vertical, each rounded to uint8 values as torch's CPU uint8 resize
         y = torch.bmm(x.reshape(b, c * h, w), cols.transpose(1, 2)).view(b, c, h, size)
         y = torch.matmul(rows[:, None], y.clamp_(0.0, 255.0).round_())

@@ -198,10 +198,8 @@ def latest_valid_checkpoint(
         best = (step, path)
         break
     for reason in skipped:
-        chosen = best[1] if best is not None else "none is valid, starting afresh"
-        warnings.warn(
-            f"skipping checkpoint: {reason}; resuming from {chosen}", RuntimeWarning, stacklevel=2
-        )
+        chosen = f"using {best[1]}" if best is not None else "no valid checkpoint is left"
+        warnings.warn(f"skipping checkpoint: {reason}; {chosen}", RuntimeWarning, stacklevel=2)
     return best[1] if best is not None else None
 
 
@@ -217,6 +215,10 @@ def retain(
     this one (left by a timeline the run abandoned when it resumed from an earlier step), and
     temp files of saves a killed process left. ``keep_last=0`` keeps ``checkpoint.pt`` alone.
     Other files (``best.pt``, exports) are never touched. Returns the deleted paths.
+
+    The newest snapshot shares its bytes with ``checkpoint.pt`` until the next save renames a new
+    file over it: replace ``checkpoint.pt`` only by renaming (as :func:`save_checkpoint` does),
+    never write into it (``cp other.pt checkpoint.pt`` would change the snapshot as well).
     """
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
         raise ValueError(f"keep_last must be an int >= 0 (0: no snapshots), got {keep_last!r}")

@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from barlow.health import CollapseError
     from barlow.preemption import Preempted
     from barlow.train import NonFiniteLossError
 
@@ -162,9 +163,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Preempted as exc:
         print(f"barlow {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
-    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"barlow {args.command}: error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, NonFiniteLossError) else 2
+        return 2
+    except (NonFiniteLossError, CollapseError) as exc:  # the run failed, its last checkpoint stays
+        print(f"barlow {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"barlow {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -73,6 +73,8 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many steps (mid-epoch; resumable)
     skip_nonfinite: int = 0  # steps with a NaN/inf loss that may be skipped before the run stops
     requeue: bool = False  # on a preemption signal under SLURM, also `scontrol requeue` the job
+    keep_last: int = 2  # step-numbered snapshots kept beside checkpoint.pt (0: none)
+    abort_on_collapse: bool = False  # stop (instead of warning) when the embeddings collapse
 
 
 @dataclass(frozen=True)
@@ -222,6 +224,7 @@ def _check_ranges(cfg: Config) -> None:
             cfg.train.max_steps is None or cfg.train.max_steps >= 1,
             f"train.max_steps must be >= 1, got {cfg.train.max_steps}",
         ),
+        (cfg.train.keep_last >= 0, f"train.keep_last must be >= 0, got {cfg.train.keep_last}"),
         (
             cfg.train.skip_nonfinite >= 0,
             f"train.skip_nonfinite must be >= 0 (0: stop at the first), got "

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.datasets as tv_datasets
+import torchvision.datasets.utils as tv_utils
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -185,7 +186,7 @@ _FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com
 
 # SHA-256 of the upstream files, as published by Keras (``get_file(file_hash=…)``) and
 # torchvision's prototype datasets (CIFAR) and in independent download scripts (Fashion-MNIST).
-# STL-10 has no published SHA-256: torchvision downloads it and checks its MD5.
+# STL-10 has no published SHA-256: torchvision's download_url fetches it and checks its MD5.
 DOWNLOADS: dict[str, tuple[RemoteFile, ...]] = {
     "fashion-mnist": tuple(
         RemoteFile(_FASHION_MNIST_URL + name, sha256)
@@ -310,6 +311,16 @@ def _fetch(name: str, directory: Path) -> list[Path]:
         download_file(remote.url, directory / remote.filename, sha256=remote.sha256)
         for remote in DOWNLOADS[name]
     ]
+
+
+def _fetch_archives(name: str, directory: Path) -> list[Path]:
+    """The archives of a torchvision dataset, downloaded into ``directory`` and checked."""
+    if name in DOWNLOADS:
+        return _fetch(name, directory)
+    # STL-10 has no published SHA-256: torchvision's download_url checks the MD5 it ships.
+    dataset_cls: Any = getattr(tv_datasets, _TORCHVISION[name][0])
+    tv_utils.download_url(dataset_cls.url, directory, dataset_cls.filename, dataset_cls.tgz_md5)
+    return [directory / dataset_cls.filename]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,12 +514,9 @@ def _torchvision_dataset(
         except RuntimeError:
             if not download:
                 raise
-            if name in DOWNLOADS:
-                # our own download: SHA-256 checked, unpacked with the safe tar filter
-                for archive in _fetch(name, directory):
-                    extract_tar(archive, directory)
-            # STL-10: torchvision downloads it (MD5-checked; no published SHA-256)
-            dataset = dataset_cls(str(directory), download=name not in DOWNLOADS, **kwargs)
+            for archive in _fetch_archives(name, directory):
+                extract_tar(archive, directory)  # not torchvision's extract_archive: no filter
+            dataset = dataset_cls(str(directory), download=False, **kwargs)
     except RuntimeError as e:  # torchvision's "Dataset not found or corrupted"
         raise FileNotFoundError(
             f"{name} not found or incomplete in {directory / folder}; download it to "

@@ -25,6 +25,7 @@ from barlow import __version__, checkpoint, data, distributed
 from barlow.augment import MultiView, build_specs, recipe_for
 from barlow.config import Config
 from barlow.heads import mlp_num_parameters
+from barlow.health import CollapseError, CollapseWatch, embedding_health
 from barlow.logbook import Logbook, Progress, console
 from barlow.methods import METHODS, Method, create_method
 from barlow.optim import build_optimizer, scaled_lr, set_learning_rate, warmup_cosine
@@ -152,11 +153,14 @@ def check_output_dir(out_dir: Path, cfg: Config, *, resume: bool, overwrite: boo
     ckpt = out_dir / CHECKPOINT_NAME
     config_file = out_dir / "config.json"
     if resume:
-        if not ckpt.exists():
+        # The newest checkpoint that loads and validates (a damaged latest one is skipped).
+        found = checkpoint.latest_valid_checkpoint(out_dir)
+        if found is None:
             raise FileNotFoundError(
-                f"--resume given but {ckpt} does not exist; drop --resume to start a new run"
+                f"--resume given but {out_dir} holds no valid checkpoint; drop --resume to start "
+                "a new run"
             )
-        return ckpt
+        return found
     if (ckpt.exists() or config_file.exists()) and not overwrite:
         raise FileExistsError(
             f"{out_dir} already holds a run; pass --resume to continue it, --overwrite to replace "
@@ -165,6 +169,8 @@ def check_output_dir(out_dir: Path, cfg: Config, *, resume: bool, overwrite: boo
     if overwrite:
         for name in (CHECKPOINT_NAME, "metrics.jsonl", "metrics.json", "config.json"):
             (out_dir / name).unlink(missing_ok=True)
+        for snapshot in out_dir.glob("checkpoint-step*.pt"):
+            snapshot.unlink()
     return None
 
 
@@ -220,6 +226,16 @@ def _nonfinite_message(
     )
 
 
+def _representation_health(method: Method, images: Tensor) -> dict[str, float]:
+    """Collapse monitors (``health.embedding_health``) of the backbone features of one batch."""
+    was_training = method.training
+    method.eval()
+    with torch.no_grad():
+        features = method.embed(images).float()
+    method.train(was_training)
+    return embedding_health(features)
+
+
 def _online_knn(
     method: Method, eval_data: EvalData, cfg: Config, device: torch.device
 ) -> dict[str, float]:
@@ -270,7 +286,7 @@ def pretrain(
     if cfg.train.batch_size // world < 2:
         raise ValueError(f"train.batch_size={cfg.train.batch_size} leaves < 2 images per process")
     resume_from = check_output_dir(out, cfg, resume=resume, overwrite=overwrite) if main else None
-    distributed.barrier()
+    resume_from = distributed.broadcast_object(resume_from)  # type: ignore[assignment]
     show = main and (progress if progress is not None else True)
 
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -351,8 +367,8 @@ def pretrain(
             )
         warmup_steps = total_steps
     start_epoch, start_batch, global_step = 0, 0, 0
-    if resume_from is not None or (resume and not main):
-        state = checkpoint.load_checkpoint(out / CHECKPOINT_NAME, map_location="cpu")
+    if resume_from is not None:
+        state = checkpoint.load_checkpoint(resume_from, map_location="cpu")
         _check_resumable(state, cfg)
         method.load_state_dict(state["method"])
         optimizer.load_state_dict(state["optimizer"])
@@ -367,8 +383,7 @@ def pretrain(
         if main:
             where = f", batch {start_batch}" if start_batch else ""
             console(
-                f"resumed from {out / CHECKPOINT_NAME} at epoch {start_epoch + 1}{where}, "
-                f"step {global_step}"
+                f"resumed from {resume_from} at epoch {start_epoch + 1}{where}, step {global_step}"
             )
 
     if main:
@@ -416,7 +431,9 @@ def pretrain(
             },
             out / CHECKPOINT_NAME,
         )
+        checkpoint.retain(out, keep_last=cfg.train.keep_last)
 
+    collapse_watch = CollapseWatch()
     last_saved: str | None = "the one resumed from" if resume_from is not None else None
     skipped = 0
     epoch_metrics: dict[str, Any] = {}
@@ -516,7 +533,14 @@ def pretrain(
                 "loss": float(mean_loss),
                 "epoch_time_s": epoch_time,
                 "images_per_s": steps_done * cfg.train.batch_size / epoch_time,
+                **_representation_health(method, views[0]),
             }
+            alarm = collapse_watch.update(epoch_metrics)
+            if distributed.any_rank(alarm is not None, device):
+                if cfg.train.abort_on_collapse:  # every rank stops, so none waits in a collective
+                    raise CollapseError(f"epoch {epoch + 1}: {alarm or 'collapse on another rank'}")
+                if main:
+                    console(f"warning, epoch {epoch + 1}: {alarm}")
             is_last = epoch + 1 == cfg.train.epochs or (
                 cfg.train.max_steps is not None and global_step >= cfg.train.max_steps
             )
