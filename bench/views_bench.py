@@ -6,16 +6,17 @@ source images per second, for:
 - batched: ``BatchedMultiView(specs)(uint8 batch)`` in the main process, 2 torch threads (and 1,
   for reference), batches sliced from an in-memory uint8 tensor.
 - per-sample: ``augment.MultiView`` (torchvision.transforms.v2, one image at a time) in a
-  ``DataLoader`` with num_workers 0 (main process, 2 torch threads), 1 and 2 (1 thread each, as
-  DataLoader sets), persistent workers started by a short untimed epoch, then one timed epoch.
+  ``DataLoader`` with num_workers 0 (main process), 1 and 2, one torch thread per process (as
+  DataLoader sets in workers; a single image gains nothing from intra-op threads), persistent
+  workers started by a short untimed epoch, then one timed epoch.
 - kornia: ``kornia.augmentation`` with the same parameters (bicubic crop, random-order ColorJitter,
   grayscale, separable reflect-padded blur, solarize at 0.5, normalise) on the float batch, 2
-  threads; the uint8 → float conversion is timed too.
+  threads and 1; the uint8 → float conversion is timed too.
 
 Every method runs once per round, interleaved, and the best round counts (the machine is shared:
 the best round is the one least disturbed). All ratios come from one run.
 
-    python bench/views_bench.py --out bench/results/views_cpu.md
+    PYTHONPATH=src python bench/views_bench.py --out bench/results/views_cpu.md
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ class Case:
 
 
 CASES = (
-    Case("28 px gray (Fashion-MNIST-like)", "barlow-gray", 1, 28, 28, 256, 8192, 1280),
+    Case("28 px gray (Fashion-MNIST-like)", "barlow-gray", 1, 28, 28, 256, 4096, 1280),
     Case("32 px colour (CIFAR-like)", "barlow-small", 3, 32, 32, 256, 4096, 768),
-    Case("224 px colour from 256 px", "barlow", 3, 256, 224, 16, 160, 96),
+    Case("224 px colour from 256 px", "barlow", 3, 256, 224, 16, 64, 48),
 )
 
 
@@ -101,7 +102,8 @@ def time_batched(case: Case, images: Tensor, threads: int) -> float:
 
 
 def time_per_sample(case: Case, images: Tensor, workers: int) -> float:
-    torch.set_num_threads(THREADS)
+    # one image at a time: intra-op threads do not help, and workers run 1 thread each anyway
+    torch.set_num_threads(1)
     dataset = ImagesDataset(images, MultiView(specs_for(case)))
     loader = DataLoader(
         dataset, batch_size=case.batch, num_workers=workers, persistent_workers=workers > 0
@@ -140,8 +142,8 @@ def kornia_pipeline(spec: ViewSpec, channels: int) -> nn.Module:
     return nn.Sequential(*ops)
 
 
-def time_kornia(case: Case, images: Tensor) -> float:
-    torch.set_num_threads(THREADS)
+def time_kornia(case: Case, images: Tensor, threads: int) -> float:
+    torch.set_num_threads(threads)
     pipelines = [kornia_pipeline(s, case.channels) for s in specs_for(case)]
 
     def views(batch: Tensor) -> tuple[Tensor, ...]:
@@ -190,7 +192,10 @@ def run(rounds: int, cases: tuple[Case, ...]) -> str:
                 time_per_sample(case, images[: case.per_sample_images], w)
             )
         if have_kornia():
-            methods["kornia"] = lambda case=case, images=images: time_kornia(case, images)
+            for t in (THREADS, 1):
+                methods[f"kornia, {t} thread{'s' * (t > 1)}"] = (
+                    lambda case=case, images=images, t=t: time_kornia(case, images, t)
+                )
         best = dict.fromkeys(methods, 0.0)
         for _ in range(rounds):
             for name, measure in methods.items():
@@ -205,14 +210,15 @@ def run(rounds: int, cases: tuple[Case, ...]) -> str:
         import kornia
 
         kornia_version = kornia.__version__
+    pythonpath = f"PYTHONPATH={os.environ['PYTHONPATH']} " if "PYTHONPATH" in os.environ else ""
     header = [
         "# Views on CPU: batched path vs per-sample torchvision v2 vs kornia",
         "",
-        f"- command: `{' '.join(['python', *sys.argv])}`",
+        f"- command: `{pythonpath}{' '.join(['python', *sys.argv])}`",
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
         f"- machine: {os.cpu_count()} CPU cores ({cpu_name()}), Python {platform.python_version()}",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, "
-        f"kornia {kornia_version}; {THREADS} torch threads in the main process unless said",
+        f"kornia {kornia_version}; per-sample: 1 torch thread per process",
         f"- load average (1, 5, 15 min) before: {', '.join(f'{x:.2f}' for x in load_before)}; "
         f"after: {', '.join(f'{x:.2f}' for x in load_after)}",
         f"- best of {rounds} interleaved rounds; images/s counts source images, each giving "

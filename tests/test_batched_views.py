@@ -394,6 +394,10 @@ def test_bad_specs_and_params_are_rejected() -> None:
     params = view.sample(4, 8, 8)
     with pytest.raises(ValueError, match="4 samples"):
         view.apply(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), params)
+    with pytest.raises(ValueError, match=r"params.to"):
+        view.apply(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), params.to("meta"))
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        BatchedView(dataclasses.replace(colour, mean=(0.5,) * 4, std=(0.5,) * 4))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -32,6 +32,10 @@ class DataConfig:
     views: str | None = None  # view recipe in augment.RECIPES; None: the method's, fit to the data
     crop_size: int | None = None  # None: the dataset's image size
     num_workers: int = 0  # DataLoader workers; 0 augments in the training process
+    # Where the views are drawn: "workers" per sample with torchvision in the DataLoader, or
+    # "device": whole uint8 batches at once on the training device (batched_views; datasets held
+    # in memory: digits, fashion-mnist, cifar10/100, stl10).
+    augment_on: str = "workers"
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,10 @@ def _check_ranges(cfg: Config) -> None:
         (
             cfg.train.max_steps is None or cfg.train.max_steps >= 1,
             f"train.max_steps must be >= 1, got {cfg.train.max_steps}",
+        ),
+        (
+            cfg.data.augment_on in ("workers", "device"),
+            f"data.augment_on must be workers or device, got {cfg.data.augment_on!r}",
         ),
         (cfg.train.keep_last >= 0, f"train.keep_last must be >= 0, got {cfg.train.keep_last}"),
         (

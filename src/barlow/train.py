@@ -22,7 +22,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from barlow import __version__, checkpoint, data, distributed
-from barlow.augment import MultiView, build_specs, recipe_for
+from barlow.augment import MultiView, ViewSpec, build_specs, recipe_for
+from barlow.batched_views import BatchedMultiView
 from barlow.config import Config
 from barlow.heads import mlp_num_parameters
 from barlow.health import CollapseError, CollapseWatch, embedding_health
@@ -80,6 +81,40 @@ class ViewDataset(Dataset[tuple[tuple[Tensor, ...], int]]):
             return self.views(image), label
         finally:
             generator.set_state(saved)
+
+
+class RawImages(Dataset[tuple[Tensor, int]]):
+    """The uint8 images themselves, indexed by ``(epoch, index)``: views are drawn on the device."""
+
+    def __init__(self, dataset: Dataset[tuple[Tensor, int]]) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int]:
+        return self.dataset[key[1]]
+
+
+class DeviceViews:
+    """Views of whole uint8 batches on the training device (``batched_views``).
+
+    The draws of the batch at position ``batch`` of ``epoch`` on ``rank`` come from a generator
+    seeded with ``sample_seed(seed, epoch, batch · world + rank)``: a pure function of where the
+    batch is, so an interrupted run resumes exactly (the views depend on the world size, unlike
+    the per-sample path's).
+    """
+
+    def __init__(
+        self, specs: Sequence[ViewSpec], *, seed: int, world: int, rank: int, device: torch.device
+    ) -> None:
+        self.views = BatchedMultiView(specs)
+        self.seed, self.world, self.rank, self.device = seed, world, rank, device
+        self.generator = torch.Generator(device=device)
+
+    def __call__(self, images: Tensor, *, epoch: int, batch: int) -> list[Tensor]:
+        self.generator.manual_seed(sample_seed(self.seed, epoch, batch * self.world + self.rank))
+        return list(self.views(images.to(self.device, non_blocking=True), self.generator))
 
 
 class EpochOrder(Sampler[tuple[int, int]]):
@@ -191,7 +226,7 @@ def _check_resumable(saved: dict[str, Any], cfg: Config) -> None:
 
 
 def _epoch_loader(
-    dataset: ViewDataset, cfg: Config, *, world: int, rank: int, device: torch.device
+    dataset: ViewDataset | RawImages, cfg: Config, *, world: int, rank: int, device: torch.device
 ) -> tuple[DataLoader[Any], EpochOrder]:
     local_batch = cfg.train.batch_size // world
     order = EpochOrder(
@@ -296,16 +331,24 @@ def pretrain(
     method_cls = METHODS[cfg.method.name]
     recipe = cfg.data.views or recipe_for(method_cls.views, channels=info.channels, image_size=crop)
     specs = build_specs(recipe, crop_size=crop, mean=info.mean, std=info.std)
-    if len(specs) != method_cls.num_views:
-        raise ValueError(
-            f"view recipe {recipe!r} makes {len(specs)} views but {cfg.method.name} takes "
-            f"{method_cls.num_views}"
-        )
     train_set = data.build_dataset(
         cfg.data.dataset, split="unlabeled", root=cfg.data.root, download=cfg.data.download
     )
+    device_views: DeviceViews | None = None
+    if cfg.data.augment_on == "device":
+        if data.in_memory_images(train_set) is None:
+            raise ValueError(
+                f"data.augment_on=device needs a dataset held in memory as one uint8 tensor "
+                f"(digits, fashion-mnist, cifar10, cifar100, stl10); {cfg.data.dataset!r} is "
+                "read from files: use data.augment_on=workers"
+            )
+        device_views = DeviceViews(
+            specs, seed=cfg.train.seed, world=world, rank=rank, device=device
+        )
     loader, sampler = _epoch_loader(
-        ViewDataset(train_set, MultiView(specs), seed=cfg.train.seed),
+        ViewDataset(train_set, MultiView(specs), seed=cfg.train.seed)
+        if device_views is None
+        else RawImages(train_set),
         cfg,
         world=world,
         rank=rank,
@@ -319,6 +362,11 @@ def pretrain(
         )
 
     method = create_method(cfg, in_channels=info.channels, image_size=crop).to(device)
+    if len(specs) != method.num_views:  # an instance attribute: CMC's number of views is a choice
+        raise ValueError(
+            f"view recipe {recipe!r} makes {len(specs)} views but {cfg.method.name} takes "
+            f"{method.num_views}; set data.views to a recipe with {method.num_views} views"
+        )
     if main:
         projector = cfg.method.params.get("projector")
         extra = ""
@@ -449,7 +497,7 @@ def pretrain(
             steps_done = 0
             description = f"epoch {epoch + 1}/{cfg.train.epochs}"
             batches = bar.wrap(loader, total=len(loader), description=description)
-            for i, (views, _) in enumerate(batches, start=first_batch):
+            for i, (inputs, _) in enumerate(batches, start=first_batch):
                 lr = warmup_cosine(
                     global_step,
                     total_steps=total_steps,
@@ -458,7 +506,10 @@ def pretrain(
                     final_lr_ratio=cfg.optim.final_lr_ratio,
                 )
                 set_learning_rate(optimizer, lr)
-                views = [v.to(device, non_blocking=True) for v in views]
+                if device_views is not None:
+                    views = device_views(inputs, epoch=epoch, batch=i)
+                else:
+                    views = [v.to(device, non_blocking=True) for v in inputs]
                 if device.type == "cuda" and cfg.train.channels_last:
                     views = [v.contiguous(memory_format=torch.channels_last) for v in views]
                 with precision.autocast(device):

@@ -25,7 +25,7 @@ class Method(nn.Module):
     gradient bookkeeping runs through the wrapped forward.
     """
 
-    num_views: ClassVar[int] = 2
+    num_views: int = 2  # a class default; a method may set it per instance (CMC)
     views: ClassVar[str] = "barlow"  # default recipe name in augment.RECIPES
 
     def __init__(self, backbone: nn.Module) -> None:

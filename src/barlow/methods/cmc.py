@@ -144,7 +144,7 @@ class CMC(Method):
         if split == "lab":
             backbone = LabEncoders(backbone, **_rgb_stats(rgb_stats))
         super().__init__(backbone)
-        self.num_views = num_views  # type: ignore[misc]  # per instance: K is a hyper-parameter
+        self.num_views = num_views  # per instance: K is a hyper-parameter
         self.split: Literal["none", "lab"] = split
         self.temperature = temperature
         heads = 2 if split == "lab" else 1
