@@ -226,13 +226,6 @@ def test_rgb_to_lab_known_colours() -> None:
     assert torch.allclose(lab, expected, atol=0.02)
 
 
-def test_rgb_to_lab_agrees_with_kornia() -> None:
-    kornia = pytest.importorskip("kornia")
-    rgb = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    # kornia rounds its matrix and white point to 6 digits: agreement to 0.01 Lab units.
-    assert torch.allclose(rgb_to_lab(rgb), kornia.color.rgb_to_lab(rgb), atol=1e-2)
-
-
 def lab_method(num_views: int = 1) -> CMC:
     torch.manual_seed(0)
     backbone = create_backbone("small_cnn", in_channels=3)

@@ -59,14 +59,14 @@ def test_pretrain_writes_a_complete_run(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "metrics.json").read_text())["evaluation"] == rows
 
 
-def test_loss_decreases_and_encoder_beats_random_init(tmp_path: Path) -> None:
-    cfg = tiny_config("train.epochs=8", "eval.baselines=true", "eval.online_knn_every=0")
-    results = pretrain(cfg, tmp_path, progress=False)
+def test_loss_decreases(tmp_path: Path) -> None:
+    """Beating a random-init encoder is tested on Fashion-MNIST (test_learning.py): on digits a
+    random small CNN already reaches ~95 % kNN, so there the comparison is noise."""
+    cfg = tiny_config("train.epochs=8", "eval.final=false", "eval.online_knn_every=0")
+    pretrain(cfg, tmp_path, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if r["kind"] == "epoch"]
     assert losses[-1] < 0.8 * losses[0]
-    rows = results["evaluation"]
-    assert rows["pretrained"]["knn_top1"] > rows["random init"]["knn_top1"]
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
@@ -95,7 +95,7 @@ def test_output_directory_holding_a_run_is_refused(tmp_path: Path) -> None:
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="no valid checkpoint"):
         pretrain(tiny_config(), tmp_path / "nothing", resume=True, progress=False)
 
 

@@ -254,8 +254,8 @@ def _nonfinite_message(
 ) -> str:
     terms = {k: float(v) for k, v in logs.items()}
     return (
-        f"loss is {float(loss)} at step {step} (epoch {epoch + 1}); terms {terms}; last good "
-        f"checkpoint: {last_saved or 'none yet'}. Try a lower optim.lr, a longer "
+        f"loss is {float(loss.detach())} at step {step} (epoch {epoch + 1}); terms {terms}; "
+        f"last good checkpoint: {last_saved or 'none yet'}. Try a lower optim.lr, a longer "
         "optim.warmup_epochs, or train.precision=fp32/bf16 instead of fp16; "
         "train.skip_nonfinite=N skips up to N such steps"
     )
