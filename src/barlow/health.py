@@ -30,6 +30,17 @@ class CollapseError(RuntimeError):
     """The embeddings stayed collapsed for ``patience`` checks and the run was asked to stop."""
 
 
+def normalized_std(z: Tensor) -> Tensor:
+    """Mean over dimensions of the batch std of z/‖z‖ (Chen & He, 2021, Fig. 2): 0 on collapse.
+
+    The per-step monitor: a tensor on the device, no host sync (``embedding_health`` is the
+    per-epoch one, with the effective rank).
+    """
+    z = z.detach().float()
+    z = z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(1e-12)
+    return z.std(dim=0).mean()
+
+
 def embedding_health(z: Tensor) -> dict[str, float]:
     """Collapse statistics of a batch of embeddings ``z`` (N, D), N ≥ 2.
 

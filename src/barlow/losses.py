@@ -114,9 +114,8 @@ def barlow_twins_loss(
     _check_arguments(z1, z2, lambd, path, eps)
     dtype = torch.promote_types(z1.dtype, torch.float32)
     with _autocast_disabled(z1.device.type):
-        z1, z2 = z1.to(dtype), z2.to(dtype)
-        if distributed.world_size() > 1:
-            z1, z2 = distributed.gather_with_grad(z1), distributed.gather_with_grad(z2)
+        z1 = distributed.gather_with_grad(z1.to(dtype))
+        z2 = distributed.gather_with_grad(z2.to(dtype))
         _check_global_batch(z1, z2)
         n, d = z1.shape
         if path == "auto":
@@ -184,17 +183,8 @@ def _check_arguments(z1: Tensor, z2: Tensor, lambd: float, path: str, eps: float
         raise ValueError(f"lambd must be >= 0 (the paper uses 0.0051), got {lambd}")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0 (BatchNorm's default is 1e-5), got {eps}")
-    for name, z in (("z1", z1), ("z2", z2)):
-        if z.ndim != 2:
-            raise ValueError(
-                f"{name} must be 2-D (batch, dim) embeddings, got shape {tuple(z.shape)}; "
-                "flatten the projector output to (N, D)"
-            )
-    if z1.shape != z2.shape:
-        raise ValueError(
-            f"z1 and z2 must have the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}; "
-            "pass the two views of the same images through the same projector"
-        )
+    # An empty local shard is checked after the gather: the global batch is what must be >= 2.
+    _check_pair(z1, z2, ("z1", "z2"), empty_ok=True)
 
 
 def _check_global_batch(z1: Tensor, z2: Tensor) -> None:
@@ -307,9 +297,8 @@ def vicreg_loss(
     _check_pair(z1, z2, ("z1", "z2"))
     dtype = torch.promote_types(z1.dtype, torch.float32)
     with _autocast_disabled(z1.device.type):
-        z1, z2 = z1.to(dtype), z2.to(dtype)
-        if distributed.world_size() > 1:
-            z1, z2 = distributed.gather_with_grad(z1), distributed.gather_with_grad(z2)
+        z1 = distributed.gather_with_grad(z1.to(dtype))
+        z2 = distributed.gather_with_grad(z2.to(dtype))
         _check_global_batch(z1, z2)
         n, d = z1.shape
         gram = path == "gram" or (path == "auto" and n < d)
@@ -376,7 +365,8 @@ def _global_mean_cosine(p: Tensor, z: Tensor) -> Tensor:
         return cosine.mean()
 
 
-def _check_pair(a: Tensor, b: Tensor, names: tuple[str, str]) -> None:
+def _check_pair(a: Tensor, b: Tensor, names: tuple[str, str], *, empty_ok: bool = False) -> None:
+    """Both 2-D (batch, dim), of one shape, and (unless ``empty_ok``) holding samples."""
     for name, x in zip(names, (a, b), strict=True):
         if x.ndim != 2:
             raise ValueError(
@@ -388,7 +378,7 @@ def _check_pair(a: Tensor, b: Tensor, names: tuple[str, str]) -> None:
             f"{names[0]} and {names[1]} must have the same shape, got {tuple(a.shape)} and "
             f"{tuple(b.shape)}; give both the same output width and the same images"
         )
-    if a.shape[0] == 0:
+    if a.shape[0] == 0 and not empty_ok:
         raise ValueError(f"{names[0]} and {names[1]} hold no samples; pass a non-empty batch")
 
 

@@ -39,7 +39,7 @@ from barlow.report import (
     results_table,
 )
 
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = checkpoint.LATEST_NAME  # one name, owned by checkpoint.py
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from barlow.heads import ema_update, mlp, momentum_schedule, parse_spec
+from barlow.health import normalized_std
 from barlow.losses import normalized_mse
 from barlow.methods.base import Method, StepOutput
 
@@ -84,10 +85,3 @@ class BYOL(Method):
         self.momentum.fill_(tau)
         ema_update(self.target_backbone, self.backbone, tau)
         ema_update(self.target_projector, self.projector, tau)
-
-
-def normalized_std(z: Tensor) -> Tensor:
-    """Mean over dimensions of the batch std of z/‖z‖ (Chen & He, 2021, Fig. 2): 0 on collapse."""
-    z = z.detach().float()
-    z = z / torch.linalg.vector_norm(z, dim=1, keepdim=True).clamp_min(1e-12)
-    return z.std(dim=0).mean()

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from barlow.heads import mlp, parse_spec
+from barlow.health import normalized_std
 from barlow.losses import negative_cosine
 from barlow.methods.base import Method, StepOutput
-from barlow.methods.byol import normalized_std
 
 
 class SimSiam(Method):
