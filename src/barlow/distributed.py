@@ -131,6 +131,46 @@ def gather_with_grad(x: Tensor) -> Tensor:
     return out
 
 
+class _AllReduceWithGrad(torch.autograd.Function):
+    """All-reduce (sum) whose backward is again an all-reduce (sum) of the gradient.
+
+    Forward: y = Σ_r x_r, the same on every rank, and rank s computes its loss L_s from y. DDP
+    averages parameter gradients over ranks, so it optimises (1/W)·Σ_s L_s; each rank must hand
+    its own x_r the gradient of Σ_s L_s, and since ∂y/∂x_r = I,
+
+        ∂(Σ_s L_s)/∂x_r = Σ_s ∂L_s/∂y      = all_reduce(SUM) of the incoming gradients.
+
+    With the same L on every rank that is W·∂L/∂y, the W that DDP's 1/W cancels (as for
+    :func:`gather_with_grad`). A raw ``dist.all_reduce`` would pass ∂L_r/∂y back alone: 1/W of it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        summed = torch.clone(x, memory_format=torch.contiguous_format)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        # A copy: the incoming gradient buffer may be shared with other autograd branches.
+        summed = torch.clone(grad, memory_format=torch.contiguous_format)
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        return summed
+
+
+def all_reduce_with_grad(x: Tensor) -> Tensor:
+    """Element-wise sum of ``x`` over all ranks, differentiable: the backward sums the gradient.
+
+    Same shape in and out; every rank gets the same sum and the gradient w.r.t. its own ``x`` is
+    the sum over ranks of the incoming gradients (see :class:`_AllReduceWithGrad` for the
+    derivation). Identity when not distributed.
+    """
+    if world_size() == 1:
+        return x
+    out: Tensor = _AllReduceWithGrad.apply(x)
+    return out
+
+
 def all_gather_no_grad(x: Tensor) -> Tensor:
     """Concatenate ``x`` (same shape on every rank) from all ranks along dim 0; detached."""
     if world_size() == 1:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from barlow.heads import mlp
-from barlow.losses import barlow_twins_loss
+from barlow.losses import BarlowTwinsPath, barlow_twins_loss
 from barlow.methods.base import Method, StepOutput
 
 
@@ -28,7 +27,7 @@ class BarlowTwins(Method):
         *,
         projector: str = "8192-8192-8192",
         lambd: float = 0.0051,
-        loss_path: Literal["auto", "correlation", "gram"] = "auto",
+        loss_path: BarlowTwinsPath = "auto",
     ) -> None:
         super().__init__(backbone)
         if lambd < 0:
@@ -36,7 +35,7 @@ class BarlowTwins(Method):
         num_features: int = backbone.num_features  # type: ignore[assignment]
         self.projector = mlp(num_features, projector)
         self.lambd = lambd
-        self.loss_path: Literal["auto", "correlation", "gram"] = loss_path
+        self.loss_path: BarlowTwinsPath = loss_path
 
     def forward(self, views: Sequence[Tensor]) -> StepOutput:
         self._check_views(views)

@@ -1,0 +1,651 @@
+"""Whole Barlow Twins training steps on CPU: barlow's own step against a plain loop with lightly.
+
+images/s counts source images per second (each giving two views) over whole training steps:
+fetching the batch, drawing the views, forward and backward of both views, loss, optimizer and
+schedule. Two settings:
+
+- fmnist: the Fashion-MNIST CPU recipe (``recipes/fashion-mnist.toml``): small CNN, projector
+  1024-1024-1024, batch 256, LARS lr 0.4 (per 256 images), η 0.02, weight decay 1e-4, the
+  "barlow-gray" views, on the 60,000 training images.
+- resnet18: the ``cifar10-resnet18`` recipe's model and optimizer (ResNet-18 with the 32-px stem,
+  projector 2048-2048-2048, batch 256, LARS lr 0.3, bias lr 0.0072) and its "barlow-small" views,
+  on random uint8 32-px colour images (CIFAR-10 is not on the benchmark machine).
+
+Paths, measured side by side in one run: every path runs once per round, rounds interleaved, the
+median round counts.
+
+- barlow: the step ``barlow pretrain`` runs, built from ``train.py``'s own blocks: ``RawImages``
+  batches in ``EpochOrder`` through a DataLoader in the main process, ``DeviceViews``
+  (``BatchedMultiView`` on the whole uint8 batch), ``BarlowTwins`` from ``create_method``
+  (loss ``path="auto"``), the finite-loss check, ``build_optimizer``'s LARS, ``warmup_cosine``.
+- barlow, views at 1 thread: the same with ``torch.set_num_threads(1)`` around the views only.
+- plain loop, W workers (W = 0, 1, 2): what a user writes with the peers: the same backbone and
+  projector modules, torchvision.transforms.v2 per sample (``augment.per_sample_transform``, the
+  same view distributions) in a shuffling DataLoader over the in-memory uint8 tensor, lightly's
+  ``BarlowTwinsLoss`` and ``LARS`` (weights / biases+BN groups, as the recipe; torch SGD where
+  lightly has no LARS) and lightly's ``CosineWarmupScheduler``.
+
+``--epochs E`` instead trains the plain loop for E epochs on Fashion-MNIST and evaluates its
+backbone as ``barlow pretrain`` does (``report.evaluate_encoder``: weighted kNN and linear probe,
+10,000 test images), to set against ``barlow pretrain fashion-mnist --epochs E``.
+
+    PYTHONPATH=src python bench/step_bench.py --out bench/results/step_cpu.md
+    PYTHONPATH=src python bench/step_bench.py --epochs 10 --out bench/results/step_lightly_fmnist.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import importlib.metadata
+import inspect
+import itertools
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from barlow import data
+from barlow.augment import EvalPreprocess, MultiView, ViewSpec, build_specs, recipe_for
+from barlow.backbones import create_backbone
+from barlow.config import Config, load_config
+from barlow.heads import mlp
+from barlow.methods import METHODS, create_method
+from barlow.optim import build_optimizer, scaled_lr, set_learning_rate, warmup_cosine
+from barlow.report import EvalData, evaluate_encoder, results_table
+from barlow.train import DeviceViews, EpochOrder, RawImages
+
+WORKERS = (0, 1, 2)
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Setting:
+    key: str
+    title: str
+    recipe: str  # shipped recipe giving model, method, optimizer and views
+    random_images: int  # 0: the real Fashion-MNIST training images
+    drain_prefetch: bool  # warm-up long enough to use up the batches workers prefetched
+
+
+SETTINGS = {
+    "fmnist": Setting(
+        "fmnist",
+        "Fashion-MNIST CPU recipe: 28 px gray, small CNN, projector 1024-1024-1024",
+        "fashion-mnist",
+        random_images=0,
+        drain_prefetch=True,
+    ),
+    # A ResNet-18 step takes seconds: the ≤ 4 prefetched batches are worth a few per cent of one
+    # step, not worth 2·W more untimed steps.
+    "resnet18": Setting(
+        "resnet18",
+        "32 px colour, ResNet-18 (cifar10-resnet18 recipe) on random uint8 images",
+        "cifar10-resnet18",
+        random_images=8192,
+        drain_prefetch=False,
+    ),
+}
+
+
+def have_lightly() -> bool:
+    try:
+        from lightly.loss import BarlowTwinsLoss  # noqa: F401
+    except Exception:  # ImportError, or a lightly that breaks on this torch
+        return False
+    return True
+
+
+def lightly_version() -> str:
+    try:
+        return importlib.metadata.version("lightly")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def recipe_config(recipe: str, batch: int | None) -> Config:
+    overrides = [f"train.batch_size={batch}"] if batch else []
+    return load_config(recipe, overrides)
+
+
+def image_size(cfg: Config) -> tuple[int, int]:
+    """(channels, crop) of the recipe's dataset, as ``train.pretrain`` resolves them."""
+    info = data.dataset_info(cfg.data.dataset)
+    return info.channels, cfg.data.crop_size or info.image_size
+
+
+def view_recipe(cfg: Config) -> str:
+    channels, crop = image_size(cfg)
+    family = METHODS[cfg.method.name].views
+    return cfg.data.views or recipe_for(family, channels=channels, image_size=crop)
+
+
+def view_specs(cfg: Config) -> tuple[ViewSpec, ...]:
+    """The recipe's views, built as ``train.pretrain`` builds them."""
+    info = data.dataset_info(cfg.data.dataset)
+    _, crop = image_size(cfg)
+    return build_specs(view_recipe(cfg), crop_size=crop, mean=info.mean, std=info.std)
+
+
+def training_images(setting: Setting, cfg: Config, limit: int | None) -> data.TensorImages:
+    if setting.random_images:
+        channels, crop = image_size(cfg)
+        n = limit or setting.random_images
+        g = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (n, channels, crop, crop), dtype=torch.uint8, generator=g)
+        return data.TensorImages(images, torch.full((n,), -1), [])
+    return limited(data.build_dataset(cfg.data.dataset, split="unlabeled"), limit)
+
+
+def limited(dataset: Any, limit: int | None) -> data.TensorImages:
+    if not isinstance(dataset, data.TensorImages):
+        raise ValueError("step_bench needs an in-memory dataset (data.TensorImages)")
+    if limit is None:
+        return dataset
+    return data.TensorImages(dataset.images[:limit], dataset.labels[:limit], dataset.classes)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    total_steps: int
+    warmup_steps: int
+
+    @classmethod
+    def of(cls, cfg: Config, steps_per_epoch: int, epochs: int | None = None) -> Schedule:
+        """As ``train.pretrain``: warm-up longer than the run is cut to the run."""
+        total = (epochs or cfg.train.epochs) * steps_per_epoch
+        return cls(total, min(round(cfg.optim.warmup_epochs * steps_per_epoch), total))
+
+
+class BarlowTrainer:
+    """``barlow pretrain``'s step in one CPU process (fp32, no compile), from its own blocks.
+
+    Left out, because they cost nothing measurable per step: the JSON-lines record every 20 steps
+    and the progress bar.
+    """
+
+    def __init__(self, cfg: Config, images: data.TensorImages, threads: int) -> None:
+        channels, crop = image_size(cfg)
+        batch = cfg.train.batch_size
+        torch.manual_seed(cfg.train.seed)
+        self.method = create_method(cfg, in_channels=channels, image_size=crop).train()
+        self.base_lr = scaled_lr(cfg.optim.lr, batch)
+        bias_lr = cfg.optim.bias_lr if cfg.optim.bias_lr is not None else cfg.optim.lr
+        self.optimizer = build_optimizer(
+            cfg.optim.name,  # type: ignore[arg-type]
+            self.method,
+            lr=self.base_lr,
+            weight_decay=cfg.optim.weight_decay,
+            momentum=cfg.optim.momentum,
+            bias_lr_scale=bias_lr / cfg.optim.lr,
+            eta=cfg.optim.eta,
+        )
+        self.views = DeviceViews(view_specs(cfg), seed=cfg.train.seed, world=1, rank=0, device=CPU)
+        dataset = RawImages(images)
+        self.order = EpochOrder(dataset, world=1, rank=0, seed=cfg.train.seed, local_batch=batch)
+        self.loader = DataLoader(dataset, batch_size=batch, sampler=self.order, drop_last=True)
+        self.schedule = Schedule.of(cfg, len(self.loader))
+        self.final_lr_ratio = cfg.optim.final_lr_ratio
+        self.threads, self.global_step = threads, 0
+        self.batches = self._batches()
+
+    def _batches(self) -> Iterator[tuple[int, int, Tensor]]:
+        for epoch in itertools.count():
+            self.order.set_epoch(epoch)
+            for i, (inputs, _) in enumerate(self.loader):
+                yield epoch, i, inputs
+
+    def step(self, views_threads: int) -> tuple[float, float]:
+        """One training step; returns (seconds until the views are ready, seconds in all)."""
+        start = time.perf_counter()
+        epoch, i, inputs = next(self.batches)
+        total = self.schedule.total_steps
+        lr = warmup_cosine(
+            self.global_step % total,
+            total_steps=total,
+            warmup_steps=self.schedule.warmup_steps,
+            base_lr=self.base_lr,
+            final_lr_ratio=self.final_lr_ratio,
+        )
+        set_learning_rate(self.optimizer, lr)
+        if views_threads == self.threads:
+            views = self.views(inputs, epoch=epoch, batch=i)
+        else:
+            torch.set_num_threads(views_threads)
+            try:
+                views = self.views(inputs, epoch=epoch, batch=i)
+            finally:
+                torch.set_num_threads(self.threads)
+        inputs_s = time.perf_counter() - start
+        output = self.method(views)
+        if not bool(torch.isfinite(output.loss).item()):  # the loop's one host sync per step
+            raise FloatingPointError(f"barlow path: loss {float(output.loss)} is not finite")
+        self.optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        self.optimizer.step()
+        self.global_step += 1
+        self.method.after_step(self.global_step / total)
+        return inputs_s, time.perf_counter() - start
+
+
+class TwoViews(Dataset[tuple[Tensor, ...]]):
+    """Per-sample views of in-memory uint8 images (torchvision.transforms.v2 in the loader)."""
+
+    def __init__(self, images: Tensor, specs: Sequence[ViewSpec]) -> None:
+        self.images, self.views = images, MultiView(specs)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, ...]:
+        return self.views(self.images[index])
+
+
+class PlainTrainer:
+    """A plain training loop with the peers: lightly's loss, LARS and schedule, per-sample views.
+
+    Same backbone and projector modules (and initial weights) as barlow's path; the recipe's
+    hyper-parameters; biases and BatchNorm parameters get weight decay 0, which lightly's LARS
+    also takes as "no trust-ratio scaling" (the recipe's split).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        images: data.TensorImages,
+        *,
+        workers: Sequence[int],
+        epochs: int | None = None,
+    ) -> None:
+        from lightly.loss import BarlowTwinsLoss
+        from lightly.utils.scheduler import CosineWarmupScheduler
+
+        channels, crop = image_size(cfg)
+        batch = cfg.train.batch_size
+        small = cfg.model.small_images if cfg.model.small_images is not None else crop <= 64
+        torch.manual_seed(cfg.train.seed)
+        self.backbone = create_backbone(
+            cfg.model.backbone, in_channels=channels, small_images=small
+        )
+        params = inspect.signature(METHODS["barlow_twins"]).parameters
+        projector = cfg.method.params.get("projector", params["projector"].default)
+        lambd = cfg.method.params.get("lambd", params["lambd"].default)
+        self.projector = mlp(self.backbone.num_features, projector)  # type: ignore[arg-type]
+        self.model = nn.Sequential(self.backbone, self.projector).train()
+        self.criterion = BarlowTwinsLoss(lambda_param=lambd, gather_distributed=False)
+        self.optimizer, self.optimizer_name = self._optimizer(cfg)
+        dataset = TwoViews(images.images, view_specs(cfg))
+        self.loaders = {
+            w: DataLoader(
+                dataset,
+                batch_size=batch,
+                shuffle=True,
+                drop_last=True,
+                num_workers=w,
+                persistent_workers=w > 0,
+            )
+            for w in workers
+        }
+        steps_per_epoch = len(images) // batch
+        self.schedule = Schedule.of(cfg, steps_per_epoch, epochs)
+        self.scheduler = CosineWarmupScheduler(
+            self.optimizer,
+            warmup_epochs=self.schedule.warmup_steps,
+            max_epochs=self.schedule.total_steps,
+            end_value=cfg.optim.final_lr_ratio,
+        )
+        self.batches = {w: self._batches(loader) for w, loader in self.loaders.items()}
+
+    def _optimizer(self, cfg: Config) -> tuple[torch.optim.Optimizer, str]:
+        lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size)
+        bias_lr = (
+            scaled_lr(cfg.optim.bias_lr, cfg.train.batch_size)
+            if cfg.optim.bias_lr is not None
+            else lr
+        )
+        params = list(self.model.parameters())
+        groups = [
+            {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.optim.weight_decay},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": bias_lr},
+        ]
+        try:
+            from lightly.utils.lars import LARS
+        except ImportError:
+            sgd = torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum)
+            return sgd, "torch.optim.SGD (lightly has no LARS)"
+        lars = LARS(groups, lr=lr, momentum=cfg.optim.momentum, trust_coefficient=cfg.optim.eta)
+        return lars, f"lightly.utils.lars.LARS (trust coefficient {cfg.optim.eta})"
+
+    @staticmethod
+    def _batches(loader: DataLoader[Any]) -> Iterator[tuple[Tensor, ...]]:
+        while True:
+            yield from loader
+
+    def train_step(self, x1: Tensor, x2: Tensor) -> Tensor:
+        z1, z2 = self.model(x1), self.model(x2)
+        loss: Tensor = self.criterion(z1, z2)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.scheduler.last_epoch < self.schedule.total_steps:
+            self.scheduler.step()
+        return loss.detach()
+
+    def step(self, workers: int) -> tuple[float, float]:
+        """One training step; returns (seconds until the views are ready, seconds in all)."""
+        start = time.perf_counter()
+        x1, x2 = next(self.batches[workers])
+        inputs_s = time.perf_counter() - start
+        self.train_step(x1, x2)
+        return inputs_s, time.perf_counter() - start
+
+
+@dataclass
+class Contender:
+    """One measured path; ``rates`` (images/s) and the input figures get one entry per round."""
+
+    name: str
+    views: str
+    step: Callable[[], tuple[float, float]]
+    warmup: int
+    rates: list[float] = field(default_factory=list)
+    input_ms: list[float] = field(default_factory=list)  # per step, until the views are ready
+    input_shares: list[float] = field(default_factory=list)  # the same, as a share of the step
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}, {self.views}"
+
+
+def measure(path: Contender, steps: int, batch: int) -> None:
+    """``path.warmup`` untimed steps, then ``steps`` timed ones: one round of one path."""
+    for _ in range(path.warmup):
+        path.step()
+    inputs_s = total_s = 0.0
+    for _ in range(steps):
+        i, t = path.step()
+        inputs_s, total_s = inputs_s + i, total_s + t
+    path.rates.append(steps * batch / total_s)
+    path.input_ms.append(1000 * inputs_s / steps)
+    path.input_shares.append(inputs_s / total_s)
+
+
+def contenders(
+    setting: Setting, cfg: Config, images: data.TensorImages, threads: int
+) -> tuple[list[Contender], str]:
+    """barlow's step (views at ``threads`` and at 1 thread) and the plain loop per worker count."""
+    barlow = BarlowTrainer(cfg, images, threads)
+    paths = [Contender("barlow", f"batched, {threads} threads", lambda: barlow.step(threads), 1)]
+    if threads > 1:
+        paths.append(Contender("barlow", "batched, 1 thread", lambda: barlow.step(1), 1))
+    if not have_lightly():
+        print("note: lightly is not importable; the plain-loop rows are skipped", file=sys.stderr)
+        return paths, "lightly not installed: plain loop skipped"
+    plain = PlainTrainer(cfg, images, workers=WORKERS)
+    for w in WORKERS:
+        # DataLoader's default prefetch_factor 2: up to 2·W batches wait at the start of a round
+        warmup = 1 + 2 * w if setting.drain_prefetch else 1
+        views = f"per sample, {w} worker{'s' * (w != 1)}"
+        step: Callable[[], tuple[float, float]] = functools.partial(plain.step, w)
+        paths.append(Contender("plain loop (lightly)", views, step, warmup))
+    return paths, plain.optimizer_name
+
+
+def run_setting(
+    setting: Setting, *, steps: int, rounds: int, threads: int, batch: int | None, limit: int | None
+) -> list[str]:
+    """Measure one setting; returns its section of the report."""
+    cfg = recipe_config(setting.recipe, batch)
+    batch = cfg.train.batch_size
+    images = training_images(setting, cfg, limit)
+    if len(images) < batch:
+        raise ValueError(f"{len(images)} images are fewer than one batch of {batch}; raise --limit")
+    paths, optimizer_name = contenders(setting, cfg, images, threads)
+    for r in range(rounds):
+        for path in paths:
+            measure(path, steps, batch)
+            print(
+                f"  {setting.key} round {r + 1}: {path.label}: {path.rates[-1]:.0f} images/s",
+                file=sys.stderr,
+            )
+    median = {p.label: statistics.median(p.rates) for p in paths}
+    plain_rates = [v for k, v in median.items() if k.startswith("plain")]
+    reference = max(plain_rates) if plain_rates else float("nan")
+    warmup_note = (
+        "1 untimed step (1 + 2·W for the plain loop: the batches its W workers prefetched)"
+        if setting.drain_prefetch
+        else "1 untimed step"
+    )
+    lines = [
+        f"## {setting.title}",
+        "",
+        f"- recipe `{setting.recipe}`, batch {batch}, {len(images)} images"
+        + (" (random uint8)" if setting.random_images else "")
+        + f"; views `{view_recipe(cfg)}` at {image_size(cfg)[1]} px",
+        f"- plain loop optimizer: {optimizer_name}",
+        f"- {steps} timed step{'s' * (steps != 1)} per path per round after {warmup_note}; "
+        f"median of {rounds} round{'s' * (rounds != 1)}",
+        "",
+        "| path | views | images/s (median) | min–max over rounds | until views ready, per step "
+        "| × plain best |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for p in paths:
+        rate = median[p.label]
+        ready = (
+            f"{statistics.median(p.input_ms):.0f} ms "
+            f"({100 * statistics.median(p.input_shares):.0f} %)"
+        )
+        lines.append(
+            f"| {p.name} | {p.views} | {rate:,.0f} | {min(p.rates):,.0f}–{max(p.rates):,.0f} "
+            f"| {ready} | {rate / reference:.2f}× |"
+        )
+    barlow_rate = median[paths[0].label]
+    lines += ["", f"- barlow / plain loop (best workers): **{barlow_rate / reference:.2f}×**"]
+    if threads > 1:
+        one_thread = median["barlow, batched, 1 thread"]
+        lines.append(
+            f"- barlow with views at 1 thread / at {threads} threads (the rest of the step at "
+            f"{threads}): **{one_thread / barlow_rate:.2f}×**"
+        )
+    return [*lines, ""]
+
+
+def machine_lines(threads: int, load_before: tuple[float, ...]) -> list[str]:
+    pythonpath = f"PYTHONPATH={os.environ['PYTHONPATH']} " if "PYTHONPATH" in os.environ else ""
+    fmt = ", ".join
+    return [
+        f"- command: `{pythonpath}{' '.join(['python', *sys.argv])}`",
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
+        f"- machine: {os.cpu_count()} CPU cores ({cpu_name()}), Python {platform.python_version()}",
+        f"- torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"lightly {lightly_version()}",
+        f"- threads: torch.set_num_threads({threads}) in the training process; DataLoader workers "
+        "1 thread each (PyTorch's default in workers)",
+        f"- load average (1, 5, 15 min) before: {fmt(f'{x:.2f}' for x in load_before)}; "
+        f"after: {fmt(f'{x:.2f}' for x in os.getloadavg())}",
+    ]
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def throughput_report(args: argparse.Namespace) -> str:
+    load_before = os.getloadavg()
+    sections: list[str] = []
+    for key in args.settings:
+        steps = args.steps if key == "fmnist" else args.resnet_steps
+        sections += run_setting(
+            SETTINGS[key],
+            steps=steps,
+            rounds=args.rounds,
+            threads=args.threads,
+            batch=args.batch,
+            limit=args.limit,
+        )
+    header = [
+        "# Training step throughput on CPU: barlow against a plain loop with lightly",
+        "",
+        *machine_lines(args.threads, load_before),
+        "- images/s: source images per second, each giving two views, over whole steps (batch, "
+        "views, forward + backward of both views, loss, optimizer, schedule); "
+        "× plain best: over the best worker count of the plain loop",
+        "- until views ready: time per step spent getting the batch and drawing its views (for "
+        "the plain loop with workers: waiting for them), and its share of the step (medians)",
+        "",
+    ]
+    notes = [
+        "barlow: `RawImages` + `EpochOrder` DataLoader (main process), `DeviceViews` "
+        '(`BatchedMultiView`), `BarlowTwins` (loss `path="auto"`), finite-loss check, '
+        "`build_optimizer` LARS, `warmup_cosine`: the step of `barlow pretrain`. The shipped "
+        "cifar10-resnet18 recipe draws its views per sample in 8 workers "
+        '(`data.augment_on = "workers"`); the resnet18 rows run barlow\'s batched views instead '
+        "(`--set data.augment_on=device`).",
+        "",
+        "plain loop: the same backbone and projector modules and initial weights, "
+        "torchvision.transforms.v2 per sample (`augment.per_sample_transform`: the same view "
+        "distributions), a shuffling DataLoader over the in-memory uint8 tensor, "
+        "`lightly.loss.BarlowTwinsLoss` (same loss definition as barlow's), lightly's LARS and "
+        "`CosineWarmupScheduler`.",
+        "",
+        "Timings move with the machine's load (the load average above); compare rows of one run "
+        "only.",
+    ]
+    return "\n".join([*header, *sections, *notes]) + "\n"
+
+
+def eval_data(limit: int | None) -> EvalData:
+    if limit is None:
+        return EvalData.build("fashion-mnist")
+    info = data.dataset_info("fashion-mnist")
+    train = limited(data.build_dataset("fashion-mnist", split="train"), limit)
+    test = limited(data.build_dataset("fashion-mnist", split="test"), min(limit, 10_000))
+    preprocess = EvalPreprocess(info.image_size, info.mean, info.std)
+    return EvalData(train, test, preprocess, info.image_size, info.num_classes or 10)
+
+
+def epochs_report(args: argparse.Namespace) -> str:
+    """Train the plain loop for ``args.epochs`` epochs on Fashion-MNIST, then kNN + linear probe."""
+    load_before = os.getloadavg()
+    cfg = recipe_config("fashion-mnist", args.batch)
+    images = training_images(SETTINGS["fmnist"], cfg, args.limit)
+    trainer = PlainTrainer(cfg, images, workers=(args.workers,), epochs=args.epochs)
+    loader = trainer.loaders[args.workers]
+    rows = []
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        epoch_start = time.perf_counter()
+        loss_sum, steps = torch.zeros(()), 0
+        for x1, x2 in loader:
+            loss_sum += trainer.train_step(x1, x2)
+            steps += 1
+        seconds = time.perf_counter() - epoch_start
+        loss = float(loss_sum) / max(steps, 1)
+        rate = steps * cfg.train.batch_size / seconds
+        rows.append(f"| {epoch + 1} | {loss:.1f} | {seconds:.0f} | {rate:,.0f} |")
+        print(
+            f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4g}, {seconds:.1f} s, "
+            f"{rate:.0f} images/s",
+            file=sys.stderr,
+        )
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    splits = eval_data(args.limit)
+    accuracy = evaluate_encoder(trainer.backbone, splits, cfg.eval, device=CPU, seed=cfg.train.seed)
+    eval_s = time.perf_counter() - start
+    print(results_table({"plain loop (lightly)": accuracy}), file=sys.stderr)
+    limit_note = (
+        f"first {len(images)} training images, kNN / probe on the first "
+        f"{len(splits.train)} train and {len(splits.test)} test images (`--limit`)"  # type: ignore[arg-type]
+        if args.limit
+        else f"all {len(images)} training images, 10,000 test images"
+    )
+    lines = [
+        f"# Plain loop with lightly on Fashion-MNIST: {args.epochs} epochs, kNN and linear probe",
+        "",
+        *machine_lines(args.threads, load_before),
+        f"- DataLoader workers: {args.workers}; {limit_note}",
+        f"- recipe `fashion-mnist` (batch {cfg.train.batch_size}, lr {cfg.optim.lr} per 256, "
+        f"η {cfg.optim.eta}, weight decay {cfg.optim.weight_decay}, warm-up "
+        f"{cfg.optim.warmup_epochs} epoch, cosine to ×{cfg.optim.final_lr_ratio}); "
+        f"optimizer {trainer.optimizer_name}; `lightly.loss.BarlowTwinsLoss`",
+        f"- training {train_s:.0f} s, evaluation {eval_s:.0f} s (`report.evaluate_encoder`: "
+        f"kNN k {cfg.eval.knn_k}, T {cfg.eval.knn_temperature}; L-BFGS linear probe, "
+        f"{cfg.eval.probe_epochs} iterations)",
+        f"- barlow's own run to set against it: `barlow pretrain fashion-mnist --epochs "
+        f"{args.epochs} --out runs/fashion-mnist-{args.epochs}` (its `metrics.json`)",
+        "",
+        "| epoch | loss | time (s) | images/s |",
+        "|---:|---:|---:|---:|",
+        *rows,
+        "",
+        results_table({f"plain loop (lightly), {args.epochs} epochs": accuracy}),
+        "",
+        "Differences from barlow's loop besides the implementation: views drawn per sample by "
+        "torchvision (barlow: batched, same distributions), shuffling by the DataLoader, lightly's "
+        "LARS trust ratio η·‖w‖ / (‖g‖ + wd·‖w‖) (barlow: η·‖w‖ / ‖g + wd·w‖) and warm-up that "
+        "starts at lr/warm-up steps (barlow: at 0); no online kNN during training.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, help="write the Markdown report here too")
+    parser.add_argument(
+        "--settings", nargs="+", choices=tuple(SETTINGS), default=list(SETTINGS), metavar="NAME"
+    )
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per round (fmnist)")
+    parser.add_argument(
+        "--resnet-steps", type=int, default=2, help="timed steps per round (resnet18)"
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the trainer")
+    parser.add_argument("--batch", type=int, help="override the recipes' batch of 256 (checks)")
+    parser.add_argument(
+        "--limit", type=int, help="use the first N training (and evaluation) images only"
+    )
+    parser.add_argument(
+        "--epochs", type=int, help="train the plain loop for E epochs on Fashion-MNIST instead"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, choices=WORKERS, help="loader workers of --epochs"
+    )
+    args = parser.parse_args()
+    for name in ("steps", "resnet_steps", "rounds", "threads", "batch", "limit", "epochs"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    torch.set_num_threads(args.threads)
+    if args.epochs is not None:
+        if not have_lightly():
+            parser.error("--epochs trains the plain loop with lightly: pip install lightly==1.6.0")
+        report = epochs_report(args)
+    else:
+        report = throughput_report(args)
+    print(report)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(report)
+
+
+if __name__ == "__main__":
+    main()
