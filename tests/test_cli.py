@@ -113,3 +113,26 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
     assert "2 process(es)" in done.stderr
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert state["global_step"] == 4
+
+
+def test_fault_flags_set_their_config_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--skip-corrupt sets data.skip_corrupt; --resume-weights-only implies --resume."""
+    import barlow.train
+
+    seen: dict[str, object] = {}
+
+    def record(cfg, out, *, resume, **kwargs):  # type: ignore[no-untyped-def]
+        seen.update(cfg=cfg, resume=resume)
+        return {}
+
+    monkeypatch.setattr(barlow.train, "pretrain", record)
+    assert main(["pretrain", "--out", str(tmp_path)]) == 0
+    cfg = seen["cfg"]
+    assert not cfg.data.skip_corrupt and not cfg.train.resume_weights_only  # type: ignore[attr-defined]
+    assert seen["resume"] is False
+    assert (
+        main(["pretrain", "--out", str(tmp_path), "--skip-corrupt", "--resume-weights-only"]) == 0
+    )
+    cfg = seen["cfg"]
+    assert cfg.data.skip_corrupt and cfg.train.resume_weights_only  # type: ignore[attr-defined]
+    assert seen["resume"] is True

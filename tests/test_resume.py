@@ -202,3 +202,93 @@ def test_every_method_resumes_bit_identically(tmp_path: Path, name: str) -> None
     pretrain(tiny(*method, "train.max_steps=9"), tmp_path / "split", progress=False)
     pretrain(tiny(*method), tmp_path / "split", resume=True, progress=False)
     assert_identical(weights(tmp_path / "split"), weights(tmp_path / "straight"))
+
+
+# R8: a resume continues the same run or fails saying why; --resume-weights-only is the way out.
+
+
+def test_resume_of_a_different_run_lists_every_differing_key(tmp_path: Path) -> None:
+    pretrain(tiny("train.max_steps=2", 'data.augment_on="device"'), tmp_path, progress=False)
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    other = tiny('method.projector="16-16"', "train.batch_size=32", 'model.backbone="resnet18"')
+    with pytest.raises(ValueError, match="belongs to a different run") as caught:
+        pretrain(other, tmp_path, resume=True, progress=False)
+    message = str(caught.value)
+    for line in (
+        "method.projector: checkpoint '32-32', config '16-16'",
+        "model.backbone: checkpoint 'small_cnn', config 'resnet18'",
+        "train.batch_size: checkpoint 64, config 32",
+        "--resume-weights-only",
+    ):
+        assert line in message
+    assert "method.lambd" not in message and "data.dataset" not in message  # only what differs
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
+    # A default written out is the same run: method.lambd=0.0051 is BarlowTwins' default.
+    same = tiny("method.lambd=0.0051", "train.max_steps=3", 'data.augment_on="device"')
+    pretrain(same, tmp_path, resume=True, progress=False)
+    assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT_NAME)["global_step"] == 3
+
+
+def test_resume_without_a_checkpoint_is_an_error_not_a_fresh_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from barlow.cli import main
+
+    args = ["pretrain", "--quiet", "--out", str(tmp_path / "missing"), "--resume"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--resume given but" in err and "holds no valid checkpoint" in err
+    assert not (tmp_path / "missing").exists()
+
+
+def test_weights_only_resume_starts_a_fresh_schedule_from_the_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    device = 'data.augment_on="device"'
+    pretrain(tiny("train.max_steps=3", device), tmp_path, progress=False)
+    old = weights(tmp_path)
+    capsys.readouterr()
+    pretrain(tiny(device, *bigger_overrides()), tmp_path, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "WEIGHTS-ONLY RESUME" in err and "differs in train.batch_size" in err
+    assert "Loaded: backbone, projector" in err and "start fresh at step 0" in err
+    state = checkpoint.load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["global_step"] == 2 and state["config"]["train"]["batch_size"] == 128
+    kept = tmp_path / "weights-source-step00000003.pt"  # the source outlives the new run's saves
+    assert_identical(checkpoint.load_checkpoint(kept)["method"], old)
+    # The same command again continues the new run (its checkpoint matches): no second restart.
+    pretrain(tiny(device, *bigger_overrides(max_steps=4)), tmp_path, resume=True, progress=False)
+    assert "WEIGHTS-ONLY" not in capsys.readouterr().err
+    assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT_NAME)["global_step"] == 4
+
+
+def bigger_overrides(max_steps: int = 2) -> list[str]:
+    return [
+        "train.batch_size=128",
+        f"train.max_steps={max_steps}",
+        "train.resume_weights_only=true",
+    ]
+
+
+def test_load_weights_only_into_another_method() -> None:
+    """Barlow Twins → BYOL: the backbone is loaded, BYOL's target starts as its copy again, the
+    heads whose shapes differ stay fresh; a different backbone is refused naming the mismatch."""
+    from barlow.methods import create_method
+    from barlow.train import load_weights_only
+
+    source = create_method(tiny(), in_channels=1, image_size=8).state_dict()
+    byol = create_method(
+        tiny('method.name="byol"', 'method.projector="16-8"'), in_channels=1, image_size=8
+    )
+    fresh_projector = {k: v.clone() for k, v in byol.projector.state_dict().items()}
+    parts = load_weights_only(byol, source)
+    assert parts["loaded"] == ["backbone"]
+    assert parts["copied"] == ["target_backbone ← backbone"]
+    assert set(parts["fresh"]) >= {"projector", "predictor", "target_projector"}
+    backbone = {k[len("backbone.") :]: v for k, v in source.items() if k.startswith("backbone.")}
+    assert_identical(byol.backbone.state_dict(), backbone)
+    assert_identical(byol.target_backbone.state_dict(), backbone)
+    assert_identical(byol.projector.state_dict(), fresh_projector)
+    resnet = create_method(tiny('model.backbone="resnet18"'), in_channels=1, image_size=8)
+    with pytest.raises(ValueError, match="weights do not fit"):
+        load_weights_only(resnet, source)

@@ -5,13 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from barlow import checkpoint
 from barlow.config import Config, load_config
+from barlow.data import CorruptImageError
 from barlow.methods import BarlowTwins
-from barlow.train import CHECKPOINT_NAME, NonFiniteLossError, pretrain
+from barlow.train import (
+    CHECKPOINT_NAME,
+    CorruptSample,
+    NonFiniteLossError,
+    collate_dropping_corrupt,
+    pretrain,
+)
 
 TINY = [
     'method.projector="64-64"',
@@ -140,3 +149,90 @@ def test_precision_needing_a_gpu_is_refused_on_cpu(tmp_path: Path) -> None:
         pretrain(
             tiny_config('train.precision="bf16"', 'train.device="cpu"'), tmp_path, progress=False
         )
+
+
+def test_resuming_after_a_non_finite_loss_does_not_re_poison(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """R16: the run stops at the NaN step; its last checkpoint resumes to a finite end."""
+    calls = {"n": 0}
+    original = BarlowTwins.forward
+
+    def poisoned_once(self: BarlowTwins, views: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        out = original(self, views)
+        calls["n"] += 1
+        if calls["n"] == 3:  # step 2, counted from 0; max_steps=2 saved the step-2 checkpoint
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(BarlowTwins, "forward", poisoned_once)
+    fast = ("eval.final=false", "eval.online_knn_every=0", 'data.augment_on="device"')
+    pretrain(tiny_config(*fast, "train.max_steps=2"), tmp_path, progress=False)
+    with pytest.raises(NonFiniteLossError, match=r"at step 2 .*last good checkpoint: .*checkpoint"):
+        pretrain(tiny_config(*fast, "train.max_steps=4"), tmp_path, resume=True, progress=False)
+    assert checkpoint.validate_checkpoint(tmp_path / CHECKPOINT_NAME)["global_step"] == 2
+    assert not list(tmp_path.glob("checkpoint-step*0003.pt"))
+    pretrain(tiny_config(*fast, "train.max_steps=4"), tmp_path, resume=True, progress=False)
+    state = checkpoint.validate_checkpoint(tmp_path / CHECKPOINT_NAME)  # every tensor finite
+    assert state["global_step"] == 4
+
+
+def test_collate_drops_corrupt_samples_and_names_them() -> None:
+    good = [((torch.full((1, 2, 2), float(i)),), i) for i in range(3)]
+    batch = [good[0], CorruptSample("a.jpg", "cannot decode"), good[1], good[2]]
+    (views,), labels, dropped = collate_dropping_corrupt(batch)
+    assert views[:, 0, 0, 0].tolist() == [0.0, 1.0, 2.0]  # the others, in order, none repeated
+    assert labels.tolist() == [0, 1, 2] and dropped == ["a.jpg"]
+    inputs, labels, dropped = collate_dropping_corrupt([CorruptSample("b.png", "x")])
+    assert inputs is None and len(labels) == 0 and dropped == ["b.png"]
+
+
+def image_folder_with_two_corrupt_files(root: Path) -> Path:
+    """14 decodable 20×20 PNGs, a 0-byte .jpg and a truncated .png: 16 files."""
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(14):
+        pixels = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"good{i:02d}.png")
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "truncated.png").write_bytes((root / "good00.png").read_bytes()[:100])
+    return root
+
+
+FOLDER_RUN = (
+    'method.projector="16-16"',
+    "train.batch_size=4",
+    "train.epochs=1",
+    "data.crop_size=16",
+    "eval.final=false",
+    "eval.online_knn_every=0",
+)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_corrupt_image_stops_the_run_naming_the_file(tmp_path: Path, workers: int) -> None:
+    images = image_folder_with_two_corrupt_files(tmp_path / "images")
+    cfg = load_config(
+        "digits", [f'data.dataset="{images}"', f"data.num_workers={workers}", *FOLDER_RUN]
+    )
+    with pytest.raises(CorruptImageError, match=r"(empty\.jpg|truncated\.png)") as caught:
+        pretrain(cfg, tmp_path / "run", progress=False)
+    assert str(images) in str(caught.value) and "corrupt or truncated" in str(caught.value)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_skip_corrupt_drops_counts_and_reports(
+    tmp_path: Path, workers: int, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = image_folder_with_two_corrupt_files(tmp_path / "images")
+    extra = [f'data.dataset="{images}"', f"data.num_workers={workers}", "data.skip_corrupt=true"]
+    results = pretrain(load_config("digits", [*extra, *FOLDER_RUN]), tmp_path / "run")
+    expected = sorted(str(images / name) for name in ("empty.jpg", "truncated.png"))
+    assert results["corrupt_skipped"] == {"total": 2, "files": expected}
+    records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    epochs = [json.loads(r) for r in records if json.loads(r)["kind"] == "epoch"]
+    assert [(e["corrupt_skipped"], e["corrupt_skipped_total"]) for e in epochs] == [(2, 2)]
+    err = capsys.readouterr().err
+    assert "2 corrupt image(s) skipped" in err  # the epoch line
+    assert "2 corrupt image read(s) skipped in this run, 2 distinct file(s)" in err
+    checkpoint.validate_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)  # it trained to the end

@@ -26,6 +26,10 @@ def _pretrain(args: argparse.Namespace) -> int:
         overrides.insert(0, f"method.name={_quoted(args.method)}")
     if args.epochs is not None:
         overrides.insert(0, f"train.epochs={args.epochs}")
+    if args.skip_corrupt:
+        overrides.insert(0, "data.skip_corrupt=true")
+    if args.resume_weights_only:
+        overrides.insert(0, "train.resume_weights_only=true")
     raw = read_recipe(args.recipe)
     if args.method is not None and raw.get("method", {}).get("name") not in (None, args.method):
         raw["method"] = {}  # another method's hyper-parameters do not carry over
@@ -34,7 +38,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     pretrain(
         cfg,
         out,
-        resume=args.resume,
+        resume=args.resume or args.resume_weights_only,
         overwrite=args.overwrite,
         argv=sys.argv,
         progress=not args.quiet,
@@ -123,7 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="override, e.g. optim.lr=0.3",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--resume-weights-only",
+        action="store_true",
+        help="--resume, and if the checkpoint's run differs (method, model, batch, dataset) "
+        "start a fresh schedule from its weights instead of failing",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="drop images that cannot be decoded (counted and reported) instead of stopping",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_pretrain)
 
@@ -153,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import torch  # already loaded by barlow.train below
+
     from barlow.health import CollapseError
     from barlow.preemption import Preempted
     from barlow.train import NonFiniteLossError
@@ -167,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"barlow {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, CollapseError) as exc:  # the run failed, its last checkpoint stays
+        print(f"barlow {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError as exc:  # its message says what to shrink
         print(f"barlow {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -36,6 +36,9 @@ class DataConfig:
     # "device": whole uint8 batches at once on the training device (batched_views; datasets held
     # in memory: digits, fashion-mnist, cifar10/100, stl10).
     augment_on: str = "workers"
+    # An image that cannot be decoded stops the run with an error naming the file; true drops it
+    # from its batch instead, counted and reported every epoch (`barlow pretrain --skip-corrupt`).
+    skip_corrupt: bool = False
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,12 @@ class TrainConfig:
     requeue: bool = False  # on a preemption signal under SLURM, also `scontrol requeue` the job
     keep_last: int = 2  # step-numbered snapshots kept beside checkpoint.pt (0: none)
     abort_on_collapse: bool = False  # stop (instead of warning) when the embeddings collapse
+    # Seconds a collective waits for the other processes before failing: a rank that hangs or
+    # died ends the others within this bound instead of leaving them blocked forever.
+    dist_timeout_s: float = 1800.0
+    # With --resume, a checkpoint of a run whose method / model / batch / dataset differ gives
+    # its weights (the schedule, optimizer and step counters start fresh) instead of an error.
+    resume_weights_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -233,6 +242,10 @@ def _check_ranges(cfg: Config) -> None:
             f"data.augment_on must be workers or device, got {cfg.data.augment_on!r}",
         ),
         (cfg.train.keep_last >= 0, f"train.keep_last must be >= 0, got {cfg.train.keep_last}"),
+        (
+            cfg.train.dist_timeout_s > 0,
+            f"train.dist_timeout_s must be > 0 seconds, got {cfg.train.dist_timeout_s}",
+        ),
         (
             cfg.train.skip_nonfinite >= 0,
             f"train.skip_nonfinite must be >= 0 (0: stop at the first), got "

@@ -538,7 +538,15 @@ def _torchvision_dataset(
 
 
 class CorruptImageError(ValueError):
-    """An image file PIL cannot decode; the message names the file."""
+    """An image file PIL cannot decode; the message names the file, ``path`` holds it."""
+
+    def __init__(self, message: str, path: str | Path = "") -> None:
+        super().__init__(message)
+        self.path = str(path)
+
+    def __reduce__(self) -> tuple[type[CorruptImageError], tuple[str, str]]:
+        # keeps ``path`` through pickling (DataLoader workers send errors to the main process)
+        return type(self), (str(self), self.path)
 
 
 # PIL's own conversion of 16-bit greyscale to 8 bits clips at 255 instead of scaling; mode "I"
@@ -578,13 +586,15 @@ def read_image(path: str | Path, *, channels: int = 3) -> Tensor:
         raise CorruptImageError(
             f"image {path} is larger than PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} "
             f"pixels allows ({e}); it may be a decompression bomb. Remove it, or if you trust it "
-            "raise that limit to a number (never None)"
+            "raise that limit to a number (never None)",
+            path,
         ) from e
     # Any failure while decoding this one file is about this file (PIL plugins raise OSError,
     # SyntaxError, ValueError, struct.error, …); name it so the user can remove it.
     except Exception as e:
         raise CorruptImageError(
-            f"cannot decode image {path} (corrupt or truncated?): {type(e).__name__}: {e}"
+            f"cannot decode image {path} (corrupt or truncated?): {type(e).__name__}: {e}",
+            path,
         ) from e
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
