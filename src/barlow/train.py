@@ -789,6 +789,13 @@ def pretrain(
             console(
                 f"resumed from {resume_from} at epoch {start_epoch + 1}{where}, step {global_step}"
             )
+    if state is not None and not weights_only and _finished(cfg, start_epoch, global_step):
+        # Re-running a finished run is a no-op: no step, no log, no file rewritten.
+        if main:
+            console(f"{out} already finished at step {global_step}: nothing to do")
+        distributed.barrier()
+        saved = out / "metrics.json"
+        return dict(json.loads(saved.read_text())) if saved.is_file() else {}
 
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -1040,6 +1047,12 @@ def pretrain(
             write_metrics(out / "metrics.json", results)
     distributed.barrier()
     return results
+
+
+def _finished(cfg: Config, epoch: int, global_step: int) -> bool:
+    """Whether a run resumed at (epoch, global_step) has nothing left to train."""
+    max_steps = cfg.train.max_steps
+    return epoch >= cfg.train.epochs or (max_steps is not None and global_step >= max_steps)
 
 
 def final_evaluation(
