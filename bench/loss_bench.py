@@ -29,7 +29,6 @@ import datetime
 import importlib.metadata
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from barlow.losses import barlow_twins_loss, choose_path, off_diagonal
+from machine import cpu_name
 
 SIZES = ((256, 2048), (256, 8192), (1024, 8192), (2048, 8192))
 IMPLEMENTATIONS: tuple[str, ...] = ("straightforward", "correlation", "gram", "lightly")
@@ -204,14 +204,7 @@ def command_line() -> str:
 def report(
     results: Results, wall_s: float, sizes: tuple[tuple[int, int], ...], names: tuple[str, ...]
 ) -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     header = [
         "# Barlow Twins loss on CPU: forward+backward time and peak extra memory",

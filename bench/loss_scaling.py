@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from barlow.losses import (
     barlow_twins_loss,
     choose_path,
 )
+from machine import cpu_name
 
 MEASURED = ("correlation", "gram")
 LAMBD = 0.0051
@@ -100,16 +100,6 @@ def cost_table(n: int, d: int, world_sizes: list[int]) -> list[str]:
 def command_line() -> str:
     pythonpath = f"PYTHONPATH={os.environ['PYTHONPATH']} " if "PYTHONPATH" in os.environ else ""
     return f"{pythonpath}python {' '.join(sys.argv)}"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def report(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import struct
 import subprocess
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from barlow.data import DEBIAN_FASHION_MNIST, read_idx
+from machine import cpu_name
 
 METHOD_RECIPES = {
     "barlow_twins": "fashion-mnist",
@@ -118,17 +118,6 @@ def summarise(method: str, run: dict[str, Any]) -> dict[str, Any]:
         "effective_rank": last["effective_rank"],
         "wall_s": run["wall_s"],
     }
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def report(

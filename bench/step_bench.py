@@ -65,6 +65,7 @@ from barlow.methods import METHODS, create_method
 from barlow.optim import build_optimizer, scaled_lr, set_learning_rate, warmup_cosine
 from barlow.report import EvalData, evaluate_encoder, results_table
 from barlow.train import DeviceViews, EpochOrder, RawImages
+from machine import cpu_name
 
 WORKERS = (0, 1, 2)
 CPU = torch.device("cpu")
@@ -476,16 +477,6 @@ def machine_lines(threads: int, load_before: tuple[float, ...]) -> list[str]:
         f"- load average (1, 5, 15 min) before: {fmt(f'{x:.2f}' for x in load_before)}; "
         f"after: {fmt(f'{x:.2f}' for x in os.getloadavg())}",
     ]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def throughput_report(args: argparse.Namespace) -> str:

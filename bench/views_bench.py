@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from barlow.augment import MultiView, ViewSpec, build_specs
 from barlow.batched_views import BatchedMultiView
+from machine import cpu_name
 
 THREADS = 2
 WORKERS = (0, 1, 2)
@@ -164,16 +165,6 @@ def have_kornia() -> bool:
     except ImportError:
         return False
     return True
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run(rounds: int, cases: tuple[Case, ...]) -> str:

@@ -12,8 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +24,7 @@ from barlow import checkpoint, train
 from barlow.config import Config, load_config
 from barlow.methods import BarlowTwins
 from barlow.train import CHECKPOINT_NAME, pretrain
+from processes import free_port, run_group
 
 FAST = [
     'method.projector="16-16"',
@@ -97,37 +96,9 @@ def test_rng_restore_on_resume(
 # R10: a checkpoint does not depend on the number of processes that wrote it.
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run_group(
-    cmd: list[str], env: dict[str, str], timeout: float
-) -> subprocess.CompletedProcess[str]:
-    """``subprocess.run`` in a new session; on timeout the whole group (torchrun's workers too)
-    is killed, so no process outlives the test."""
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 def _torchrun(out: Path, *extra: str, resume: bool = False) -> subprocess.CompletedProcess[str]:
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port())]
     cmd += ["-m", "barlow", "pretrain", "--out", str(out), "--quiet"]
     for override in [*FAST, *extra]:
         cmd += ["--set", override]

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from barlow.config import load_config
 from barlow.methods import BarlowTwins
 from barlow.preemption import EXIT_CODE, requeue_slurm_job
 from barlow.train import CHECKPOINT_NAME, NonFiniteLossError, pretrain
+from processes import free_port, run_group
 
 FAST = [
     'method.projector="16-16"',
@@ -375,38 +375,10 @@ def test_process_count_that_does_not_fit_the_batch_is_refused_before_reading_dat
     assert not (tmp_path / "run").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run_group(
-    cmd: list[str], env: dict[str, str], timeout: float
-) -> subprocess.CompletedProcess[str]:
-    """``subprocess.run`` in a new session; on timeout the whole group (torchrun's workers too)
-    is killed, so no process outlives the test."""
-    proc = subprocess.Popen(
-        cmd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 def test_two_processes_refuse_an_odd_global_batch(tmp_path: Path) -> None:
     """The real thing: 2 gloo processes, global batch 3; both exit 2 naming the batch."""
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port())]
     cmd += ["-m", "barlow", "pretrain", "--quiet", "--out", str(tmp_path / "run")]
     cmd += sets(*FAST, "train.batch_size=3")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
