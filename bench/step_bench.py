@@ -18,19 +18,19 @@ median round counts.
   batches in ``EpochOrder`` through a DataLoader in the main process, ``DeviceViews``
   (``BatchedMultiView`` on the whole uint8 batch), ``BarlowTwins`` from ``create_method``
   (loss ``path="auto"``), the finite-loss check, ``build_optimizer``'s LARS, ``warmup_cosine``.
-- barlow, views at 1 thread: the same with ``torch.set_num_threads(1)`` around the views only.
+- barlow's precision and memory format: the shipped defaults (``train.precision=auto``: bf16
+  autocast on a CPU with native bf16, channels_last), then fp32 channels_last, then fp32 NCHW (the
+  step before these habits), to show what each one gives.
 - plain loop, W workers (W = 0, 1, 2): what a user writes with the peers: the same backbone and
   projector modules, torchvision.transforms.v2 per sample (``augment.per_sample_transform``, the
   same view distributions) in a shuffling DataLoader over the in-memory uint8 tensor, lightly's
   ``BarlowTwinsLoss`` and ``LARS`` (weights / biases+BN groups, as the recipe; torch SGD where
   lightly has no LARS) and lightly's ``CosineWarmupScheduler``.
 
-``--epochs E`` instead trains the plain loop for E epochs on Fashion-MNIST and evaluates its
-backbone as ``barlow pretrain`` does (``report.evaluate_encoder``: weighted kNN and linear probe,
-10,000 test images), to set against ``barlow pretrain fashion-mnist --epochs E``.
+Accuracy after the same epochs, both loops trained and evaluated over several seeds, is
+``parity_bench.py``'s.
 
     PYTHONPATH=src python bench/step_bench.py --out bench/results/step_cpu.md
-    PYTHONPATH=src python bench/step_bench.py --epochs 10 --out bench/results/step_lightly_fmnist.md
 """
 
 from __future__ import annotations
@@ -57,13 +57,19 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from barlow import data
-from barlow.augment import EvalPreprocess, MultiView, ViewSpec, build_specs, recipe_for
+from barlow.augment import MultiView, ViewSpec, build_specs, recipe_for
 from barlow.backbones import create_backbone
+from barlow.compute import (
+    Precision,
+    flush_denormals,
+    images_channels_last,
+    to_channels_last,
+    uses_channels_last,
+)
 from barlow.config import Config, load_config
 from barlow.heads import mlp
 from barlow.methods import METHODS, create_method
 from barlow.optim import build_optimizer, scaled_lr, set_learning_rate, warmup_cosine
-from barlow.report import EvalData, evaluate_encoder, results_table
 from barlow.train import DeviceViews, EpochOrder, RawImages
 from machine import cpu_name
 
@@ -115,9 +121,9 @@ def lightly_version() -> str:
         return "not installed"
 
 
-def recipe_config(recipe: str, batch: int | None) -> Config:
+def recipe_config(recipe: str, batch: int | None, extra: Sequence[str] = ()) -> Config:
     overrides = [f"train.batch_size={batch}"] if batch else []
-    return load_config(recipe, overrides)
+    return load_config(recipe, [*overrides, *extra])
 
 
 def image_size(cfg: Config) -> tuple[int, int]:
@@ -170,17 +176,21 @@ class Schedule:
 
 
 class BarlowTrainer:
-    """``barlow pretrain``'s step in one CPU process (fp32, no compile), from its own blocks.
+    """``barlow pretrain``'s step in one CPU process (no compile), from its own blocks.
 
     Left out, because they cost nothing measurable per step: the JSON-lines record every 20 steps
     and the progress bar.
     """
 
-    def __init__(self, cfg: Config, images: data.TensorImages, threads: int) -> None:
+    def __init__(self, cfg: Config, images: data.TensorImages) -> None:
         channels, crop = image_size(cfg)
         batch = cfg.train.batch_size
         torch.manual_seed(cfg.train.seed)
         self.method = create_method(cfg, in_channels=channels, image_size=crop).train()
+        self.precision = Precision.resolve(cfg.train.precision, CPU)
+        self.channels_last = uses_channels_last(cfg.train.channels_last, CPU)
+        if self.channels_last:
+            to_channels_last(self.method)
         self.base_lr = scaled_lr(cfg.optim.lr, batch)
         bias_lr = cfg.optim.bias_lr if cfg.optim.bias_lr is not None else cfg.optim.lr
         self.optimizer = build_optimizer(
@@ -198,7 +208,7 @@ class BarlowTrainer:
         self.loader = DataLoader(dataset, batch_size=batch, sampler=self.order, drop_last=True)
         self.schedule = Schedule.of(cfg, len(self.loader))
         self.final_lr_ratio = cfg.optim.final_lr_ratio
-        self.threads, self.global_step = threads, 0
+        self.global_step = 0
         self.batches = self._batches()
 
     def _batches(self) -> Iterator[tuple[int, int, Tensor]]:
@@ -207,7 +217,11 @@ class BarlowTrainer:
             for i, (inputs, _) in enumerate(self.loader):
                 yield epoch, i, inputs
 
-    def step(self, views_threads: int) -> tuple[float, float]:
+    @property
+    def habits(self) -> str:
+        return f"{self.precision.name}, {'channels_last' if self.channels_last else 'NCHW'}"
+
+    def step(self) -> tuple[float, float]:
         """One training step; returns (seconds until the views are ready, seconds in all)."""
         start = time.perf_counter()
         epoch, i, inputs = next(self.batches)
@@ -220,21 +234,18 @@ class BarlowTrainer:
             final_lr_ratio=self.final_lr_ratio,
         )
         set_learning_rate(self.optimizer, lr)
-        if views_threads == self.threads:
-            views = self.views(inputs, epoch=epoch, batch=i)
-        else:
-            torch.set_num_threads(views_threads)
-            try:
-                views = self.views(inputs, epoch=epoch, batch=i)
-            finally:
-                torch.set_num_threads(self.threads)
+        views = self.views(inputs, epoch=epoch, batch=i)
+        if self.channels_last:
+            views = images_channels_last(views)
         inputs_s = time.perf_counter() - start
-        output = self.method(views)
+        with flush_denormals(CPU), self.precision.autocast(CPU):
+            output = self.method(views)
         if not bool(torch.isfinite(output.loss).item()):  # the loop's one host sync per step
             raise FloatingPointError(f"barlow path: loss {float(output.loss)} is not finite")
         self.optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
-        self.optimizer.step()
+        with flush_denormals(CPU):
+            output.loss.backward()
+            self.optimizer.step()
         self.global_step += 1
         self.method.after_step(self.global_step / total)
         return inputs_s, time.perf_counter() - start
@@ -382,14 +393,22 @@ def measure(path: Contender, steps: int, batch: int) -> None:
     path.input_shares.append(inputs_s / total_s)
 
 
+# barlow's step as shipped, then without each of its CPU habits (bf16 autocast, channels_last)
+BARLOW_VARIANTS: tuple[tuple[str, ...], ...] = (
+    (),
+    ("train.precision=fp32",),
+    ("train.precision=fp32", "train.channels_last=false"),
+)
+
+
 def contenders(
-    setting: Setting, cfg: Config, images: data.TensorImages, threads: int
+    setting: Setting, cfg: Config, images: data.TensorImages, batch: int | None
 ) -> tuple[list[Contender], str]:
-    """barlow's step (views at ``threads`` and at 1 thread) and the plain loop per worker count."""
-    barlow = BarlowTrainer(cfg, images, threads)
-    paths = [Contender("barlow", f"batched, {threads} threads", lambda: barlow.step(threads), 1)]
-    if threads > 1:
-        paths.append(Contender("barlow", "batched, 1 thread", lambda: barlow.step(1), 1))
+    """barlow's step per precision / memory format, and the plain loop per worker count."""
+    paths = []
+    for overrides in BARLOW_VARIANTS:
+        barlow = BarlowTrainer(recipe_config(setting.recipe, batch, overrides), images)
+        paths.append(Contender("barlow", f"batched ({barlow.habits})", barlow.step, 1))
     if not have_lightly():
         print("note: lightly is not importable; the plain-loop rows are skipped", file=sys.stderr)
         return paths, "lightly not installed: plain loop skipped"
@@ -412,7 +431,7 @@ def run_setting(
     images = training_images(setting, cfg, limit)
     if len(images) < batch:
         raise ValueError(f"{len(images)} images are fewer than one batch of {batch}; raise --limit")
-    paths, optimizer_name = contenders(setting, cfg, images, threads)
+    paths, optimizer_name = contenders(setting, cfg, images, batch)
     for r in range(rounds):
         for path in paths:
             measure(path, steps, batch)
@@ -453,13 +472,13 @@ def run_setting(
             f"| {ready} | {rate / reference:.2f}× |"
         )
     barlow_rate = median[paths[0].label]
-    lines += ["", f"- barlow / plain loop (best workers): **{barlow_rate / reference:.2f}×**"]
-    if threads > 1:
-        one_thread = median["barlow, batched, 1 thread"]
-        lines.append(
-            f"- barlow with views at 1 thread / at {threads} threads (the rest of the step at "
-            f"{threads}): **{one_thread / barlow_rate:.2f}×**"
-        )
+    lines += [
+        "",
+        f"- barlow as shipped / plain loop (best workers): **{barlow_rate / reference:.2f}×**",
+    ]
+    for p in paths[1 : len(BARLOW_VARIANTS)]:
+        ratio = median[p.label] / reference
+        lines.append(f"- {p.label} / plain loop (best workers): {ratio:.2f}×")
     return [*lines, ""]
 
 
@@ -506,7 +525,9 @@ def throughput_report(args: argparse.Namespace) -> str:
     notes = [
         "barlow: `RawImages` + `EpochOrder` DataLoader (main process), `DeviceViews` "
         '(`BatchedMultiView`), `BarlowTwins` (loss `path="auto"`), finite-loss check, '
-        "`build_optimizer` LARS, `warmup_cosine`: the step of `barlow pretrain`. The shipped "
+        "`build_optimizer` LARS, `warmup_cosine`, denormals flushed (`compute.flush_denormals`): "
+        "the step of `barlow pretrain`. Its rows name the precision (`train.precision=auto` "
+        "resolves to bf16 autocast on a CPU with native bf16) and the memory format. The shipped "
         "cifar10-resnet18 recipe draws its views per sample in 8 workers "
         '(`data.augment_on = "workers"`); the resnet18 rows run barlow\'s batched views instead '
         "(`--set data.augment_on=device`).",
@@ -521,81 +542,6 @@ def throughput_report(args: argparse.Namespace) -> str:
         "only.",
     ]
     return "\n".join([*header, *sections, *notes]) + "\n"
-
-
-def eval_data(limit: int | None) -> EvalData:
-    if limit is None:
-        return EvalData.build("fashion-mnist")
-    info = data.dataset_info("fashion-mnist")
-    train = limited(data.build_dataset("fashion-mnist", split="train"), limit)
-    test = limited(data.build_dataset("fashion-mnist", split="test"), min(limit, 10_000))
-    preprocess = EvalPreprocess(info.image_size, info.mean, info.std)
-    return EvalData(train, test, preprocess, info.image_size, info.num_classes or 10)
-
-
-def epochs_report(args: argparse.Namespace) -> str:
-    """Train the plain loop for ``args.epochs`` epochs on Fashion-MNIST, then kNN + linear probe."""
-    load_before = os.getloadavg()
-    cfg = recipe_config("fashion-mnist", args.batch)
-    images = training_images(SETTINGS["fmnist"], cfg, args.limit)
-    trainer = PlainTrainer(cfg, images, workers=(args.workers,), epochs=args.epochs)
-    loader = trainer.loaders[args.workers]
-    rows = []
-    start = time.perf_counter()
-    for epoch in range(args.epochs):
-        epoch_start = time.perf_counter()
-        loss_sum, steps = torch.zeros(()), 0
-        for x1, x2 in loader:
-            loss_sum += trainer.train_step(x1, x2)
-            steps += 1
-        seconds = time.perf_counter() - epoch_start
-        loss = float(loss_sum) / max(steps, 1)
-        rate = steps * cfg.train.batch_size / seconds
-        rows.append(f"| {epoch + 1} | {loss:.1f} | {seconds:.0f} | {rate:,.0f} |")
-        print(
-            f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4g}, {seconds:.1f} s, "
-            f"{rate:.0f} images/s",
-            file=sys.stderr,
-        )
-    train_s = time.perf_counter() - start
-    start = time.perf_counter()
-    splits = eval_data(args.limit)
-    accuracy = evaluate_encoder(trainer.backbone, splits, cfg.eval, device=CPU, seed=cfg.train.seed)
-    eval_s = time.perf_counter() - start
-    print(results_table({"plain loop (lightly)": accuracy}), file=sys.stderr)
-    limit_note = (
-        f"first {len(images)} training images, kNN / probe on the first "
-        f"{len(splits.train)} train and {len(splits.test)} test images (`--limit`)"  # type: ignore[arg-type]
-        if args.limit
-        else f"all {len(images)} training images, 10,000 test images"
-    )
-    lines = [
-        f"# Plain loop with lightly on Fashion-MNIST: {args.epochs} epochs, kNN and linear probe",
-        "",
-        *machine_lines(args.threads, load_before),
-        f"- DataLoader workers: {args.workers}; {limit_note}",
-        f"- recipe `fashion-mnist` (batch {cfg.train.batch_size}, lr {cfg.optim.lr} per 256, "
-        f"η {cfg.optim.eta}, weight decay {cfg.optim.weight_decay}, warm-up "
-        f"{cfg.optim.warmup_epochs} epoch, cosine to ×{cfg.optim.final_lr_ratio}); "
-        f"optimizer {trainer.optimizer_name}; `lightly.loss.BarlowTwinsLoss`",
-        f"- training {train_s:.0f} s, evaluation {eval_s:.0f} s (`report.evaluate_encoder`: "
-        f"kNN k {cfg.eval.knn_k}, T {cfg.eval.knn_temperature}; L-BFGS linear probe, "
-        f"{cfg.eval.probe_epochs} iterations)",
-        f"- barlow's own run to set against it: `barlow pretrain fashion-mnist --epochs "
-        f"{args.epochs} --out runs/fashion-mnist-{args.epochs}` (its `metrics.json`)",
-        "",
-        "| epoch | loss | time (s) | images/s |",
-        "|---:|---:|---:|---:|",
-        *rows,
-        "",
-        results_table({f"plain loop (lightly), {args.epochs} epochs": accuracy}),
-        "",
-        "Differences from barlow's loop besides the implementation: views drawn per sample by "
-        "torchvision (barlow: batched, same distributions), shuffling by the DataLoader, lightly's "
-        "LARS trust ratio η·‖w‖ / (‖g‖ + wd·‖w‖) (barlow: η·‖w‖ / ‖g + wd·w‖) and warm-up that "
-        "starts at lr/warm-up steps (barlow: at 0); no online kNN during training.",
-    ]
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -614,24 +560,13 @@ def main() -> None:
     parser.add_argument(
         "--limit", type=int, help="use the first N training (and evaluation) images only"
     )
-    parser.add_argument(
-        "--epochs", type=int, help="train the plain loop for E epochs on Fashion-MNIST instead"
-    )
-    parser.add_argument(
-        "--workers", type=int, default=1, choices=WORKERS, help="loader workers of --epochs"
-    )
     args = parser.parse_args()
-    for name in ("steps", "resnet_steps", "rounds", "threads", "batch", "limit", "epochs"):
+    for name in ("steps", "resnet_steps", "rounds", "threads", "batch", "limit"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     torch.set_num_threads(args.threads)
-    if args.epochs is not None:
-        if not have_lightly():
-            parser.error("--epochs trains the plain loop with lightly: pip install lightly==1.6.0")
-        report = epochs_report(args)
-    else:
-        report = throughput_report(args)
+    report = throughput_report(args)
     print(report)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

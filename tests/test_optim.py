@@ -217,6 +217,40 @@ def test_build_optimizer_uses_the_same_groups(name, cls):
         assert group["lr"] == pytest.approx(0.2 * reference["lr_scale"])
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_sgd_and_adamw_are_fused_and_update_as_the_plain_kernels(name):
+    """fused=True on CPU/CUDA parameters; three steps equal PyTorch's unfused update.
+
+    No BatchNorm here: a bias before BN has a gradient of pure rounding noise, which Adam's
+    normalisation turns into lr-sized steps that differ between any two kernels.
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 6), nn.ReLU(), nn.Linear(6, 3))
+    optimizer = build_optimizer(name, model, lr=0.1, weight_decay=1e-3, bias_lr_scale=0.5)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    reference_model = copy.deepcopy(model)
+    groups = parameter_groups(reference_model, weight_decay=1e-3, bias_lr_scale=0.5)
+    cls = torch.optim.SGD if name == "sgd" else torch.optim.AdamW
+    extra = {"momentum": 0.9} if name == "sgd" else {}
+    reference = cls(groups, lr=0.1, fused=False, foreach=False, **extra)
+    set_learning_rate(reference, 0.1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(4, 3, 4, 4, generator=gen)
+        for m, opt in ((model, optimizer), (reference_model, reference)):
+            opt.zero_grad()
+            m(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(model.parameters(), reference_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_parameters_off_cpu_and_cuda_are_not_fused():
+    model = small_model().to("meta")
+    optimizer = build_optimizer("sgd", model, lr=0.1, weight_decay=0.0)
+    assert not any(group["fused"] for group in optimizer.param_groups)
+
+
 def test_build_optimizer_errors():
     with pytest.raises(ValueError, match="lars, sgd, adamw"):
         build_optimizer("adam", small_model(), lr=0.1, weight_decay=0.0)  # type: ignore[arg-type]

@@ -147,8 +147,9 @@ def test_batch_larger_than_dataset_is_an_error(tmp_path: Path) -> None:
 def test_precision_needing_a_gpu_is_refused_on_cpu(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="precision"):
         pretrain(
-            tiny_config('train.precision="bf16"', 'train.device="cpu"'), tmp_path, progress=False
+            tiny_config('train.precision="fp16"', 'train.device="cpu"'), tmp_path, progress=False
         )
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
 
 
 def test_resuming_after_a_non_finite_loss_does_not_re_poison(

@@ -69,13 +69,13 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 100
     batch_size: int = 256  # global: split over processes, which must divide it
-    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32)|fp32|bf16|fp16
+    precision: str = "auto"  # auto (bf16 where native: GPU, AVX512-BF16/AMX CPU)|fp32|bf16|fp16
     seed: int = 0
     device: str = "auto"  # auto|cpu|cuda|cuda:N
     log_every: int = 20  # steps between JSON-lines records
     checkpoint_every: int = 1  # epochs
     sync_batchnorm: bool = True  # under DDP on GPU; SyncBatchNorm does not run on CPU
-    channels_last: bool = True  # on GPU
+    channels_last: bool = True  # NHWC convolutions (GPU and CPU)
     compile: bool = False  # torch.compile the method
     max_steps: int | None = None  # stop after this many steps (mid-epoch; resumable)
     skip_nonfinite: int = 0  # steps with a NaN/inf loss that may be skipped before the run stops

@@ -178,6 +178,9 @@ def parameter_groups(
     return [group for group in groups if group["params"]]
 
 
+_FUSED_DEVICES = ("cuda", "cpu")  # where torch.optim.SGD / AdamW(fused=True) run
+
+
 def build_optimizer(
     name: Literal["lars", "sgd", "adamw"],
     model: nn.Module,
@@ -200,12 +203,19 @@ def build_optimizer(
     if not groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
     optimizer: torch.optim.Optimizer
+    # LARS is this module's own (foreach, no host sync); SGD and AdamW take PyTorch's fused
+    # kernels (one kernel for the whole update) where every parameter sits on a device that has them
+    fused = all(p.device.type in _FUSED_DEVICES for group in groups for p in group["params"])
     if name == "lars":
         optimizer = LARS(groups, lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta)
     elif name == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        optimizer = torch.optim.SGD(
+            groups, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused
+        )
     else:
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(
+            groups, lr=lr, betas=betas, weight_decay=weight_decay, fused=fused
+        )
     set_learning_rate(optimizer, lr)
     return optimizer
 

@@ -27,6 +27,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, d
 from barlow import __version__, checkpoint, data, distributed
 from barlow.augment import MultiView, ViewSpec, build_specs, recipe_for
 from barlow.batched_views import BatchedMultiView
+from barlow.compute import (
+    Precision,
+    flush_denormals,
+    images_channels_last,
+    to_channels_last,
+    uses_channels_last,
+)
 from barlow.config import Config, method_parameters
 from barlow.heads import mlp_num_parameters, parse_spec
 from barlow.health import CollapseError, CollapseWatch, embedding_health
@@ -198,30 +205,6 @@ class EpochOrder(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return (self.batches - self.start_batch) * self.local_batch
-
-
-@dataclass
-class Precision:
-    """Autocast dtype (None: full fp32) and whether fp16 loss scaling is needed."""
-
-    dtype: torch.dtype | None
-
-    @classmethod
-    def resolve(cls, name: str, device: torch.device) -> Precision:
-        if device.type != "cuda":
-            if name in ("bf16", "fp16"):
-                raise ValueError(
-                    f"train.precision={name} needs a GPU; on {device.type} use fp32 or auto"
-                )
-            return cls(None)
-        if name == "auto":
-            return cls(torch.bfloat16 if torch.cuda.is_bf16_supported() else None)
-        return cls({"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name])
-
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.dtype)
 
 
 def resolve_device(name: str, distributed_device: torch.device) -> torch.device:
@@ -488,8 +471,8 @@ def _oom_message(
         f"{cfg.train.batch_size} ({cfg.train.batch_size // world} per process), method.projector="
         f"{projector!r}, train.precision={cfg.train.precision}. {estimate}. Lower "
         "train.batch_size (and optim.lr with it, or keep it: it is scaled per 256 images), choose "
-        "a narrower method.projector, or train in bf16 (train.precision=bf16 on a GPU that has "
-        f"it); checkpoints written so far are intact, the last good one: "
+        "a narrower method.projector, or train in bf16 (train.precision=bf16 on a GPU or CPU "
+        f"that has it); checkpoints written so far are intact, the last good one: "
         f"{last_saved or 'none yet'}"
     )
 
@@ -724,6 +707,8 @@ def pretrain(
             f"view recipe {recipe!r} makes {len(specs)} views but {cfg.method.name} takes "
             f"{method.num_views}; set data.views to a recipe with {method.num_views} views"
         )
+    precision = Precision.resolve(cfg.train.precision, device)
+    channels_last = uses_channels_last(cfg.train.channels_last, device)
     if main:
         projector = cfg.method.params.get("projector")
         extra = ""
@@ -734,18 +719,19 @@ def pretrain(
             f"barlow {__version__}: {cfg.method.name} on {cfg.data.dataset} "
             f"({len(train_set)} images, "  # type: ignore[arg-type]
             f"views {recipe!r} at {crop} px), {cfg.model.backbone}{extra}; {world} process(es) on "
-            f"{device}, {steps_per_epoch} steps/epoch"
+            f"{device} ({precision.name}{', channels_last' if channels_last else ''}), "
+            f"{steps_per_epoch} steps/epoch"
         )
         console(estimate.summary())
     model: nn.Module = method
+    if channels_last:  # before DDP, which lays its gradient buckets out after the parameters
+        model = to_channels_last(model)
     if world > 1:
         if device.type == "cuda" and cfg.train.sync_batchnorm:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    if device.type == "cuda" and cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     step_model: nn.Module = torch.compile(model) if cfg.train.compile else model  # type: ignore[assignment]
 
     base_lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size)
@@ -759,7 +745,6 @@ def pretrain(
         bias_lr_scale=bias_lr / cfg.optim.lr,
         eta=cfg.optim.eta,
     )
-    precision = Precision.resolve(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16)
 
     total_steps = cfg.train.epochs * steps_per_epoch
@@ -853,7 +838,7 @@ def pretrain(
     corrupt_pending: list[str] = []  # corrupt files this process dropped, not yet reported
     corrupt_total, corrupt_files = 0, set[str]()
     signals = PreemptionSignals()
-    with signals, contextlib.closing(logbook):
+    with signals, contextlib.closing(logbook), flush_denormals(device):
         try:
             for epoch in range(start_epoch, cfg.train.epochs):
                 first_batch = start_batch if epoch == start_epoch else 0
@@ -885,8 +870,8 @@ def pretrain(
                         views = device_views(inputs, epoch=epoch, batch=i)
                     else:
                         views = [v.to(device, non_blocking=True) for v in inputs]
-                    if device.type == "cuda" and cfg.train.channels_last:
-                        views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+                    if channels_last:
+                        views = images_channels_last(views)
                     with precision.autocast(device):
                         output = step_model(views)
                     loss = output.loss
