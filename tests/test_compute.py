@@ -3,10 +3,14 @@ clear refusals, and that the fast CPU habits (channels_last, bf16 autocast) keep
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from barlow import compute
+from barlow import checkpoint, compute
 from barlow.backbones import SmallCNN
 from barlow.compute import (
     Precision,
@@ -17,6 +21,7 @@ from barlow.compute import (
 )
 from barlow.config import load_config
 from barlow.methods import create_method
+from barlow.train import CHECKPOINT_NAME, pretrain
 
 CPU = torch.device("cpu")
 
@@ -131,3 +136,54 @@ def test_flush_denormals_leaves_other_devices_alone(monkeypatch: pytest.MonkeyPa
     with pytest.raises(RuntimeError), flush_denormals(CPU):
         raise RuntimeError("a failing step")
     assert calls == [True, False]  # switched off again on the way out
+
+
+def test_compiled_run_writes_plain_checkpoints_that_resume_uncompiled(tmp_path: Path) -> None:
+    """train.compile=true (inductor on CPU): the run trains and its checkpoint holds the method's
+    own parameter names, so a run without compile resumes it."""
+    overrides = [
+        'method.projector="64-64"',
+        "train.batch_size=64",
+        "train.epochs=2",
+        "optim.warmup_epochs=1",
+        "eval.online_knn_every=0",
+        "eval.final=false",
+    ]
+    pretrain(
+        load_config("digits", [*overrides, "train.compile=true", "train.max_steps=4"]),
+        tmp_path,
+        progress=False,
+    )
+    saved = checkpoint.load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert saved["global_step"] == 4
+    assert not [k for k in saved["method"] if "_orig_mod" in k]
+    assert all(torch.isfinite(v).all() for v in saved["method"].values() if v.is_floating_point())
+    pretrain(load_config("digits", overrides), tmp_path, resume=True, progress=False)
+    assert checkpoint.load_checkpoint(tmp_path / CHECKPOINT_NAME)["global_step"] > 4
+
+
+FLUSH_PROBE = """
+import sys, torch
+torch.set_num_threads(2)
+x = torch.full((1_000_000,), 1e-39)
+if sys.argv[1] == "pool-first":
+    x * 0.5  # the intra-op thread pool exists before the CLI runs
+from barlow.cli import main
+main(["recipes"])
+print(int(((x * 0.5) == 0).sum()))
+"""
+
+
+@pytest.mark.parametrize(("order", "flushed"), [("cli-first", 1.0), ("pool-first", 0.5)])
+def test_the_cli_flushes_denormals_in_every_intra_op_thread(order: str, flushed: float) -> None:
+    """The flag is per thread and pool threads copy it when created: the CLI sets it before any
+    tensor work, so both threads of a 2-thread multiply flush. Set after the pool exists, only
+    the calling thread's half is flushed (the control: the order matters)."""
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals (no SSE3)")
+    run = subprocess.run(
+        [sys.executable, "-c", FLUSH_PROBE, order], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    zeros = int(run.stdout.strip().splitlines()[-1])
+    assert zeros == pytest.approx(flushed * 1_000_000, rel=0.05)

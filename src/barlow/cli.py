@@ -170,6 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch  # already loaded by barlow.train below
 
+    # Denormal floats cost x86 CPUs slow microcode (compute.flush_denormals). The flag is per
+    # thread and the intra-op pool's threads copy it when they are created, so it is set here,
+    # before any tensor work: then every thread of this process flushes them.
+    torch.set_flush_denormal(True)
+
     from barlow.health import CollapseError
     from barlow.preemption import Preempted
     from barlow.train import NonFiniteLossError

@@ -207,6 +207,30 @@ class EpochOrder(Sampler[tuple[int, int]]):
         return (self.batches - self.start_batch) * self.local_batch
 
 
+def wrap_for_training(
+    method: nn.Module,
+    *,
+    device: torch.device,
+    world: int,
+    channels_last: bool,
+    sync_batchnorm: bool,
+) -> nn.Module:
+    """The module the step runs: NHWC weights, then SyncBatchNorm (GPU) and DDP for world > 1.
+
+    channels_last comes first: DDP lays its gradient buckets out by the parameters' strides when
+    it is built, and a layout changed afterwards scrambles the first step's averaged gradients
+    (tests/test_compute_distributed.py measures it).
+    """
+    model = to_channels_last(method) if channels_last else method
+    if world > 1:
+        if device.type == "cuda" and sync_batchnorm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    return model
+
+
 def resolve_device(name: str, distributed_device: torch.device) -> torch.device:
     if name == "auto":
         return distributed_device
@@ -723,15 +747,13 @@ def pretrain(
             f"{steps_per_epoch} steps/epoch"
         )
         console(estimate.summary())
-    model: nn.Module = method
-    if channels_last:  # before DDP, which lays its gradient buckets out after the parameters
-        model = to_channels_last(model)
-    if world > 1:
-        if device.type == "cuda" and cfg.train.sync_batchnorm:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    model = wrap_for_training(
+        method,
+        device=device,
+        world=world,
+        channels_last=channels_last,
+        sync_batchnorm=cfg.train.sync_batchnorm,
+    )
     step_model: nn.Module = torch.compile(model) if cfg.train.compile else model  # type: ignore[assignment]
 
     base_lr = scaled_lr(cfg.optim.lr, cfg.train.batch_size)
