@@ -163,11 +163,12 @@ def test_compiled_run_writes_plain_checkpoints_that_resume_uncompiled(tmp_path: 
 
 
 FLUSH_PROBE = """
-import sys, torch
+import sys, numpy, torch
 torch.set_num_threads(2)
-x = torch.full((1_000_000,), 1e-39)
+# denormal inputs made before any flag is set, by numpy: no torch thread pool yet
+x = torch.from_numpy(numpy.full(1_000_000, 1e-39, dtype=numpy.float32))
 if sys.argv[1] == "pool-first":
-    x * 0.5  # the intra-op thread pool exists before the CLI runs
+    torch.ones(1_000_000) * 0.5  # the intra-op thread pool exists before the CLI runs
 from barlow.cli import main
 main(["recipes"])
 print(int(((x * 0.5) == 0).sum()))
