@@ -1,4 +1,4 @@
-"""Subprocess helpers shared by the tests that start real runs (torchrun, the CLI)."""
+"""Process helpers shared by the tests: real runs (torchrun, the CLI) and spawned Gloo ranks."""
 
 from __future__ import annotations
 
@@ -6,6 +6,12 @@ import os
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
 
 
 def free_port() -> int:
@@ -35,3 +41,28 @@ def run_group(
         proc.communicate()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def join_as_rank(rank: int, world: int, port: int) -> None:
+    """In a spawned worker: the torchrun variables for rank ``rank`` of ``world`` on this host
+    (CPU and Gloo even on a GPU machine), one intra-op thread so the ranks do not fight."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        CUDA_VISIBLE_DEVICES="",
+    )
+    torch.set_num_threads(1)
+
+
+def save_rank_result(out_dir: str | Path, rank: int, result: Any) -> None:
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+
+
+def spawn_ranks(worker: Callable[[int, int, str], None], world: int, out_dir: Path) -> list[Any]:
+    """Run ``worker(rank, port, out_dir)`` in ``world`` spawned processes; each rank's
+    :func:`save_rank_result`, in rank order."""
+    mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=world, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]

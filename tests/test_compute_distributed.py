@@ -8,19 +8,16 @@ of each process's half of the batch computed alone. The negative control convert
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from barlow.backbones import SmallCNN
 from barlow.train import wrap_for_training
-from processes import free_port
+from processes import join_as_rank, save_rank_result, spawn_ranks
 
 WORLD_SIZE, HALF = 2, 4
 CPU = torch.device("cpu")
@@ -45,8 +42,7 @@ def first_step_gradients(net: nn.Module, x: Tensor, params: nn.Module) -> dict[s
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    join_as_rank(rank, WORLD_SIZE, port)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE)
     x = images()[rank * HALF : (rank + 1) * HALF]
     results: dict[str, Any] = {}
@@ -59,15 +55,15 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     late_wrapped = nn.parallel.DistributedDataParallel(late).to(memory_format=torch.channels_last)
     results["converted_after_ddp"] = first_step_gradients(late_wrapped, x, late)
     dist.destroy_process_group()
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    save_rank_result(out_dir, rank, results)
 
 
 @pytest.fixture(scope="module")
 def rank0(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Tensor]]:
-    out_dir = tmp_path_factory.mktemp("ranks")
-    mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
-    loaded: dict[str, dict[str, Tensor]] = torch.load(out_dir / "rank0.pt", weights_only=True)
-    return loaded
+    rank0: dict[str, dict[str, Tensor]] = spawn_ranks(
+        worker, WORLD_SIZE, tmp_path_factory.mktemp("ranks")
+    )[0]
+    return rank0
 
 
 def reference() -> dict[str, Tensor]:

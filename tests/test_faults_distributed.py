@@ -9,7 +9,6 @@ its k-th forward pass (= step k, counted from 1).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 from barlow import checkpoint
 from barlow.preemption import EXIT_CODE
 from barlow.train import CHECKPOINT_NAME
+from processes import free_port
 
 BOUND_S = 60  # R22: every rank has exited this long after the fault
 STEPS_PER_EPOCH = 1437 // 256  # digits, 2 processes × 128
@@ -69,12 +69,6 @@ class Rank:
     code: int
     exited_after_fault_s: float
     stderr: str
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def launch(

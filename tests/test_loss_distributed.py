@@ -9,13 +9,10 @@ different magnitude. One process-group spawn runs every check; the results are a
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from barlow import distributed
@@ -25,7 +22,8 @@ from barlow.losses import (
     barlow_twins_loss,
     choose_path,
 )
-from test_distributed import free_port, max_rel_err, rel_err
+from processes import join_as_rank, save_rank_result, spawn_ranks
+from test_distributed import max_rel_err, rel_err
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 16
@@ -168,23 +166,13 @@ def checks_in_worker(rank: int) -> dict[str, Any]:
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD_SIZE),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        CUDA_VISIBLE_DEVICES="",  # CPU and Gloo even on a GPU machine
-    )
-    torch.set_num_threads(1)
-    torch.save(checks_in_worker(rank), Path(out_dir) / f"rank{rank}.pt")
+    join_as_rank(rank, WORLD_SIZE, port)
+    save_rank_result(out_dir, rank, checks_in_worker(rank))
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    out_dir = tmp_path_factory.mktemp("ranks")
-    mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    return spawn_ranks(worker, WORLD_SIZE, tmp_path_factory.mktemp("ranks"))
 
 
 def reference_ddp(out_dim: int = OUT_DIM) -> dict[str, Tensor]:

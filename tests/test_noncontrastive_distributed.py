@@ -9,18 +9,16 @@ process-group spawn runs every check; the results are asserted here.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 
 from barlow import distributed
 from barlow.methods import METHODS, Method
-from test_distributed import free_port, max_rel_err, rel_err
+from processes import join_as_rank, save_rank_result, spawn_ranks
+from test_distributed import max_rel_err, rel_err
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 16
@@ -90,26 +88,16 @@ def ddp_run(case: str, rank: int) -> dict[str, Tensor]:
 
 
 def worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD_SIZE),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        CUDA_VISIBLE_DEVICES="",  # CPU and Gloo even on a GPU machine
-    )
-    torch.set_num_threads(1)
+    join_as_rank(rank, WORLD_SIZE, port)
     distributed.init_from_env(backend="gloo")
     results = {case: ddp_run(case, rank) for case in CASES}
     distributed.shutdown()
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    save_rank_result(out_dir, rank, results)
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, Tensor]]]:
-    out_dir = tmp_path_factory.mktemp("ranks")
-    mp.spawn(worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+    return spawn_ranks(worker, WORLD_SIZE, tmp_path_factory.mktemp("ranks"))
 
 
 def single_process(case: str) -> dict[str, Tensor]:

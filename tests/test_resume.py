@@ -20,6 +20,7 @@ from barlow.config import Config, load_config
 from barlow.methods import METHODS
 from barlow.preemption import EXIT_CODE, PreemptionSignals
 from barlow.train import CHECKPOINT_NAME, EpochOrder, ViewDataset, pretrain, sample_seed
+from processes import free_port
 
 TINY = [
     'method.projector="32-32"',
@@ -166,21 +167,13 @@ def test_sigterm_saves_exits_143_and_resumes_exactly(tmp_path: Path) -> None:
 
 def _torchrun(out: Path, *extra: str, resume: bool = False) -> subprocess.CompletedProcess[str]:
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port())]
     cmd += ["-m", "barlow", "pretrain", "--out", str(out), "--quiet"]
     for override in [*TINY, "train.epochs=1", *extra]:
         cmd += ["--set", override]
     cmd += ["--resume"] if resume else []
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_two_process_mid_epoch_resume_is_bit_identical(tmp_path: Path) -> None:
