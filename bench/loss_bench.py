@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from barlow.losses import barlow_twins_loss, choose_path, off_diagonal
-from machine import cpu_name
+from machine import cpu_name, emit_report
 
 SIZES = ((256, 2048), (256, 8192), (1024, 8192), (2048, 8192))
 IMPLEMENTATIONS: tuple[str, ...] = ("straightforward", "correlation", "gram", "lightly")
@@ -296,10 +296,7 @@ def main() -> None:
                 file=sys.stderr,
             )
     text = report(results, time.perf_counter() - start, args.sizes, names)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit_report(text, args.out)
 
 
 if __name__ == "__main__":

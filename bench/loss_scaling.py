@@ -30,7 +30,7 @@ from barlow.losses import (
     barlow_twins_loss,
     choose_path,
 )
-from machine import cpu_name
+from machine import cpu_name, emit_report
 
 MEASURED = ("correlation", "gram")
 LAMBD = 0.0051
@@ -175,10 +175,7 @@ def main() -> None:
                     file=sys.stderr,
                 )
     text = report(args, times, time.perf_counter() - start)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit_report(text, args.out)
 
 
 if __name__ == "__main__":

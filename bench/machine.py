@@ -1,4 +1,4 @@
-"""What the benchmark reports say about the machine they ran on (one home for the bench scripts)."""
+"""What every benchmark script shares: the machine its report names and how it is written."""
 
 from __future__ import annotations
 
@@ -15,3 +15,11 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def emit_report(text: str, out: Path | None) -> None:
+    """Print the Markdown report, and write it to ``out`` too when given (folders created)."""
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)

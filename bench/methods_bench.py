@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from barlow.data import DEBIAN_FASHION_MNIST, read_idx
-from machine import cpu_name
+from machine import cpu_name, emit_report
 
 METHOD_RECIPES = {
     "barlow_twins": "fashion-mnist",
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--slice", help="TRAIN,TEST: use the first images only")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--runs", default="runs/methods-bench", help="where the runs are written")
-    parser.add_argument("--out", help="markdown report (default: print only)")
+    parser.add_argument("--out", type=Path, help="markdown report (default: print only)")
     args = parser.parse_args()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHOD_RECIPES))
@@ -200,9 +200,7 @@ def main() -> None:
         baselines = baselines or {k: v for k, v in run["evaluation"].items() if k != "pretrained"}
         print(json.dumps(rows[-1]), flush=True)
     text = report(rows, baselines, args, started, (load_before, os.getloadavg()[0]))
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    emit_report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import torch
 
 from barlow import data
 from barlow.report import EvalData, evaluate_encoder
-from machine import cpu_name
+from machine import cpu_name, emit_report
 from methods_bench import run_method, write_slice
 from step_bench import (
     SETTINGS,
@@ -189,10 +189,7 @@ def main() -> None:
         results["barlow"][seed] = barlow_run(seed, args.epochs, args.runs, root)
         results["plain loop (lightly)"][seed] = plain_loop(seed, args.epochs, args.workers, root)
     text = report(args, results, started, load)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    emit_report(text, args.out)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ from barlow.heads import mlp
 from barlow.methods import METHODS, create_method
 from barlow.optim import build_optimizer, scaled_lr, set_learning_rate, warmup_cosine
 from barlow.train import DeviceViews, EpochOrder, RawImages
-from machine import cpu_name
+from machine import cpu_name, emit_report
 
 WORKERS = (0, 1, 2)
 CPU = torch.device("cpu")
@@ -238,12 +238,12 @@ class BarlowTrainer:
         if self.channels_last:
             views = images_channels_last(views)
         inputs_s = time.perf_counter() - start
-        with flush_denormals(CPU), self.precision.autocast(CPU):
-            output = self.method(views)
-        if not bool(torch.isfinite(output.loss).item()):  # the loop's one host sync per step
-            raise FloatingPointError(f"barlow path: loss {float(output.loss)} is not finite")
-        self.optimizer.zero_grad(set_to_none=True)
-        with flush_denormals(CPU):
+        with flush_denormals(CPU):  # the loop's: around the whole step
+            with self.precision.autocast(CPU):
+                output = self.method(views)
+            if not bool(torch.isfinite(output.loss).item()):  # the loop's one host sync per step
+                raise FloatingPointError(f"barlow path: loss {float(output.loss)} is not finite")
+            self.optimizer.zero_grad(set_to_none=True)
             output.loss.backward()
             self.optimizer.step()
         self.global_step += 1
@@ -567,10 +567,7 @@ def main() -> None:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     torch.set_num_threads(args.threads)
     report = throughput_report(args)
-    print(report)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report)
+    emit_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from barlow.augment import MultiView, ViewSpec, build_specs
 from barlow.batched_views import BatchedMultiView
-from machine import cpu_name
+from machine import cpu_name, emit_report
 
 THREADS = 2
 WORKERS = (0, 1, 2)
@@ -241,10 +241,7 @@ def main() -> None:
     args = parser.parse_args()
     cases = CASES if args.only is None else tuple(c for c in CASES if c.crop == int(args.only))
     table = run(args.rounds, cases)
-    print(table)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
+    emit_report(table, args.out)
 
 
 if __name__ == "__main__":
