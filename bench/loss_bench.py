@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
-import importlib.metadata
 import json
 import os
 import resource
@@ -41,7 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from barlow.losses import barlow_twins_loss, choose_path, off_diagonal
-from machine import cpu_name, emit_report
+from machine import command_line, cpu_name, emit_report, have_lightly, lightly_version
 
 SIZES = ((256, 2048), (256, 8192), (1024, 8192), (2048, 8192))
 IMPLEMENTATIONS: tuple[str, ...] = ("straightforward", "correlation", "gram", "lightly")
@@ -56,14 +55,6 @@ def straightforward_loss(z1: Tensor, z2: Tensor, bn: nn.Module) -> Tensor:
     on_diag = torch.diagonal(c).add(-1).pow_(2).sum()
     off_diag = off_diagonal(c).pow_(2).sum()
     return on_diag + LAMBD * off_diag
-
-
-def have_lightly() -> bool:
-    try:
-        from lightly.loss import BarlowTwinsLoss  # noqa: F401
-    except Exception:  # ImportError, or a lightly that breaks on this torch
-        return False
-    return True
 
 
 def loss_function(name: str, d: int) -> Callable[[Tensor, Tensor], Tensor]:
@@ -196,11 +187,6 @@ def lightly_table(results: Results, sizes: tuple[tuple[int, int], ...]) -> list[
     return lines
 
 
-def command_line() -> str:
-    pythonpath = f"PYTHONPATH={os.environ['PYTHONPATH']} " if "PYTHONPATH" in os.environ else ""
-    return f"{pythonpath}python {' '.join(sys.argv)}"
-
-
 def report(
     results: Results, wall_s: float, sizes: tuple[tuple[int, int], ...], names: tuple[str, ...]
 ) -> str:
@@ -233,7 +219,7 @@ def report(
         "",
         '## barlow (`path="auto"`) against lightly',
         "",
-        f"- lightly {importlib.metadata.version('lightly')}: `lightly.loss.BarlowTwinsLoss("
+        f"- lightly {lightly_version()}: `lightly.loss.BarlowTwinsLoss("
         f"lambda_param={LAMBD}, gather_distributed=False)` (its default λ is 0.005; {LAMBD} here "
         "as for every row)",
         '- barlow auto: the row of the path `choose_path(N, D)` picks (`path="auto"` runs '

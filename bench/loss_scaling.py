@@ -30,7 +30,7 @@ from barlow.losses import (
     barlow_twins_loss,
     choose_path,
 )
-from machine import cpu_name, emit_report
+from machine import command_line, cpu_name, emit_report
 
 MEASURED = ("correlation", "gram")
 LAMBD = 0.0051
@@ -95,11 +95,6 @@ def cost_table(n: int, d: int, world_sizes: list[int]) -> list[str]:
                 f"| {cost['collectives']} | {'✓' if path == chosen else ''} |"
             )
     return lines
-
-
-def command_line() -> str:
-    pythonpath = f"PYTHONPATH={os.environ['PYTHONPATH']} " if "PYTHONPATH" in os.environ else ""
-    return f"{pythonpath}python {' '.join(sys.argv)}"
 
 
 def report(

@@ -1,8 +1,12 @@
-"""What every benchmark script shares: the machine its report names and how it is written."""
+"""What every benchmark script shares: the machine and the command its report names, the peers it
+compares against, and how the report is written."""
 
 from __future__ import annotations
 
+import importlib.metadata
+import os
 import platform
+import sys
 from pathlib import Path
 
 
@@ -15,6 +19,28 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def command_line() -> str:
+    """The command that ran this script, as a reader repeats it (with its ``PYTHONPATH``)."""
+    pythonpath = f"PYTHONPATH={os.environ['PYTHONPATH']} " if "PYTHONPATH" in os.environ else ""
+    return f"{pythonpath}python {' '.join(sys.argv)}"
+
+
+def have_lightly() -> bool:
+    """Whether the peer library lightly imports (bench/requirements.txt; never a dependency)."""
+    try:
+        from lightly.loss import BarlowTwinsLoss  # noqa: F401
+    except Exception:  # ImportError, or a lightly that breaks on this torch
+        return False
+    return True
+
+
+def lightly_version() -> str:
+    try:
+        return importlib.metadata.version("lightly")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def emit_report(text: str, out: Path | None) -> None:

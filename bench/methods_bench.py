@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from barlow.data import DEBIAN_FASHION_MNIST, read_idx
-from machine import cpu_name, emit_report
+from machine import command_line, cpu_name, emit_report
 
 METHOD_RECIPES = {
     "barlow_twins": "fashion-mnist",
@@ -127,12 +127,11 @@ def report(
     started: str,
     loads: tuple[float, float],
 ) -> str:
-    command = "PYTHONPATH=src python bench/methods_bench.py " + " ".join(sys.argv[1:])
     data = f"first {args.slice} train/test images" if args.slice else "60,000 train / 10,000 test"
     lines = [
         f"# Every method on Fashion-MNIST, {args.epochs} epochs each, CPU recipes",
         "",
-        f"Command: `{command}`",
+        f"Command: `{command_line()}`",
         "",
         f"- date: {started} – {time.strftime('%H:%M UTC', time.gmtime())}; "
         f"{os.cpu_count()} CPU cores ({cpu_name()}), "

@@ -8,7 +8,8 @@ For each seed, one run of each, one after the other in this process's run:
 - plain loop: ``step_bench.PlainTrainer`` with the recipe's seed set to S — the same backbone,
   projector, optimizer hyper-parameters and schedule, torchvision views per sample in a DataLoader
   with ``--workers`` workers, ``lightly.loss.BarlowTwinsLoss``, lightly's LARS, fp32 — trained for E
-  epochs and evaluated by the same ``report.evaluate_encoder`` (weighted kNN k 200, linear probe).
+  epochs and evaluated by the same ``assessment.evaluate_encoder`` on the same
+  ``assessment.EvalData.from_config`` splits (weighted kNN k 200, linear probe).
 
 Reports per seed and as mean ± standard deviation over seeds: kNN and linear top-1 on the 10,000
 test images and the median seconds per training epoch; and the ratio of epoch times.
@@ -32,18 +33,10 @@ from pathlib import Path
 
 import torch
 
-from barlow import data
-from barlow.report import EvalData, evaluate_encoder
-from machine import cpu_name, emit_report
+from barlow.assessment import EvalData, evaluate_encoder
+from machine import command_line, cpu_name, emit_report, have_lightly, lightly_version
 from methods_bench import run_method, write_slice
-from step_bench import (
-    SETTINGS,
-    PlainTrainer,
-    have_lightly,
-    lightly_version,
-    recipe_config,
-    training_images,
-)
+from step_bench import SETTINGS, PlainTrainer, recipe_config, training_images
 
 CPU = torch.device("cpu")
 
@@ -56,16 +49,18 @@ class Result:
     final_loss: float  # mean loss of the last epoch
 
 
+def run_overrides(seed: int, root: Path | None) -> list[str]:
+    """The recipe's settings that both loops change: the seed, and the slice's files."""
+    return [f"train.seed={seed}"] + ([f'data.root="{root.resolve()}"'] if root else [])
+
+
 def plain_loop(seed: int, epochs: int, workers: int, root: Path | None) -> Result:
     """Train the lightly loop for ``epochs`` epochs from ``seed`` and evaluate its backbone."""
-    cfg = recipe_config("fashion-mnist", None, [f"train.seed={seed}"])
-    if root is None:
-        images = training_images(SETTINGS["fmnist"], cfg, None)
-        splits = EvalData.build("fashion-mnist")
-    else:
-        images = data.build_dataset("fashion-mnist", split="unlabeled", root=str(root))
-        splits = EvalData.build("fashion-mnist", root=str(root))
-    trainer = PlainTrainer(cfg, images, workers=(workers,), epochs=epochs)  # type: ignore[arg-type]
+    cfg = recipe_config(
+        "fashion-mnist", None, [*run_overrides(seed, root), f"train.epochs={epochs}"]
+    )
+    images = training_images(SETTINGS["fmnist"], cfg, None)
+    trainer = PlainTrainer(cfg, images, workers=(workers,))
     times, loss = [], float("nan")
     for epoch in range(epochs):
         start = time.perf_counter()
@@ -80,14 +75,13 @@ def plain_loop(seed: int, epochs: int, workers: int, root: Path | None) -> Resul
             file=sys.stderr,
             flush=True,
         )
+    splits = EvalData.from_config(cfg)  # barlow's final evaluation reads the same
     accuracy = evaluate_encoder(trainer.backbone, splits, cfg.eval, device=CPU, seed=seed)
     return Result(accuracy["knn_top1"], accuracy["linear_top1"], statistics.median(times), loss)
 
 
 def barlow_run(seed: int, epochs: int, runs: Path, root: Path | None) -> Result:
-    overrides = [f"train.seed={seed}"]
-    if root is not None:
-        overrides.append(f'data.root="{root.resolve()}"')
+    overrides = run_overrides(seed, root)
     run = run_method(
         "barlow_twins", epochs, runs / f"barlow-seed{seed}", overrides, baselines=False
     )
@@ -107,7 +101,6 @@ def mean_sd(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
 def report(
     args: argparse.Namespace, results: dict[str, dict[int, Result]], started: str, load: float
 ) -> str:
-    command = "PYTHONPATH=src python bench/parity_bench.py " + " ".join(sys.argv[1:])
     data_note = (
         f"first {args.slice} train/test images" if args.slice else "60,000 train / 10,000 test"
     )
@@ -115,7 +108,7 @@ def report(
         f"# barlow vs a plain lightly loop on Fashion-MNIST: {args.epochs} epochs, "
         f"seeds {', '.join(map(str, args.seeds))}",
         "",
-        f"Command: `{command}`",
+        f"Command: `{command_line()}`",
         "",
         f"- date: {started} – {datetime.datetime.now(datetime.UTC):%H:%M} UTC; "
         f"{os.cpu_count()} CPU cores ({cpu_name()}), torch {torch.__version__}, "
@@ -126,8 +119,8 @@ def report(
         "- barlow: `barlow pretrain fashion-mnist` defaults (batched views, precision auto, "
         f"channels_last); plain loop: torchvision views per sample, {args.workers} DataLoader "
         "worker(s), lightly's BarlowTwinsLoss and LARS, fp32",
-        "- accuracy: `report.evaluate_encoder` for both (weighted kNN k 200, T 0.1; linear probe "
-        "on frozen features); epoch time: median over the epochs, training only",
+        "- accuracy: `assessment.evaluate_encoder` for both (weighted kNN k 200, T 0.1; linear "
+        "probe on frozen features); epoch time: median over the epochs, training only",
         "",
         "| seed | loop | kNN top-1 | linear top-1 | s / epoch | last-epoch loss |",
         "|---:|---|---:|---:|---:|---:|",

@@ -9,15 +9,18 @@ schedule. Two settings:
   "barlow-gray" views, on the 60,000 training images.
 - resnet18: the ``cifar10-resnet18`` recipe's model and optimizer (ResNet-18 with the 32-px stem,
   projector 2048-2048-2048, batch 256, LARS lr 0.3, bias lr 0.0072) and its "barlow-small" views,
-  on random uint8 32-px colour images (CIFAR-10 is not on the benchmark machine).
+  on random uint8 32-px colour images (CIFAR-10 is not on the benchmark machine); barlow's views
+  drawn on whole batches, the loader in the main process (``data.augment_on=device``,
+  ``data.num_workers=0``).
 
 Paths, measured side by side in one run: every path runs once per round, rounds interleaved, the
 median round counts.
 
-- barlow: the step ``barlow pretrain`` runs, built from ``train.py``'s own blocks: ``RawImages``
-  batches in ``EpochOrder`` through a DataLoader in the main process, ``DeviceViews``
-  (``BatchedMultiView`` on the whole uint8 batch), ``BarlowTwins`` from ``create_method``
-  (loss ``path="auto"``), the finite-loss check, ``build_optimizer``'s LARS, ``warmup_cosine``.
+- barlow: the step ``barlow pretrain`` runs, from the library itself: the ``Run`` that
+  ``barlow.training.setup`` builds from the recipe (``pretraining_data``'s views,
+  ``pretraining_loader``'s ``RawImages`` batches in ``EpochOrder``, ``DeviceViews``,
+  ``build_method``'s ``BarlowTwins``, ``assemble_run``'s LARS and ``Schedule``) over the bench's
+  images, stepped by ``TrainingLoop.step`` on the loader's batches in ``run.order``.
 - barlow's precision and memory format: the shipped defaults (``train.precision=auto``: bf16
   autocast on a CPU with native bf16, channels_last), then fp32 channels_last, then fp32 NCHW (the
   step before these habits), to show what each one gives.
@@ -38,13 +41,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import importlib.metadata
-import inspect
 import itertools
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -57,21 +59,28 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from barlow import data
-from barlow.augment import MultiView, ViewSpec, build_specs, recipe_for
-from barlow.backbones import create_backbone
-from barlow.compute import (
-    Precision,
-    flush_denormals,
-    images_channels_last,
-    to_channels_last,
-    uses_channels_last,
-)
+from barlow.augment import MultiView, ViewSpec
+from barlow.compute import Precision, flush_denormals, uses_channels_last
 from barlow.config import Config, load_config
-from barlow.heads import mlp
-from barlow.methods import METHODS, create_method
-from barlow.optim import build_optimizer, scaled_lr, set_learning_rate, warmup_cosine
-from barlow.train import DeviceViews, EpochOrder, RawImages
-from machine import cpu_name, emit_report
+from barlow.encoder import build_method, crop_size
+from barlow.logbook import Logbook, Progress
+from barlow.methods import BarlowTwins
+from barlow.optim import scaled_lr
+from barlow.preemption import PreemptionSignals
+from barlow.rundir import RunDir
+from barlow.training.guard import StepGuard
+from barlow.training.loop import TrainingLoop
+from barlow.training.setup import (
+    PretrainingData,
+    Schedule,
+    assemble_run,
+    check_views,
+    pretraining_data,
+    pretraining_loader,
+    view_preparer,
+)
+from barlow.training.state import TrainState
+from machine import command_line, cpu_name, emit_report, have_lightly, lightly_version
 
 WORKERS = (0, 1, 2)
 CPU = torch.device("cpu")
@@ -84,6 +93,7 @@ class Setting:
     recipe: str  # shipped recipe giving model, method, optimizer and views
     random_images: int  # 0: the real Fashion-MNIST training images
     drain_prefetch: bool  # warm-up long enough to use up the batches workers prefetched
+    overrides: tuple[str, ...] = ()  # --set overrides of the recipe, for every path
 
 
 SETTINGS = {
@@ -95,30 +105,17 @@ SETTINGS = {
         drain_prefetch=True,
     ),
     # A ResNet-18 step takes seconds: the ≤ 4 prefetched batches are worth a few per cent of one
-    # step, not worth 2·W more untimed steps.
+    # step, not worth 2·W more untimed steps. The recipe draws views per sample in 8 workers;
+    # barlow's rows here draw them on whole batches, the loader in the main process.
     "resnet18": Setting(
         "resnet18",
         "32 px colour, ResNet-18 (cifar10-resnet18 recipe) on random uint8 images",
         "cifar10-resnet18",
         random_images=8192,
         drain_prefetch=False,
+        overrides=("data.augment_on=device", "data.num_workers=0"),
     ),
 }
-
-
-def have_lightly() -> bool:
-    try:
-        from lightly.loss import BarlowTwinsLoss  # noqa: F401
-    except Exception:  # ImportError, or a lightly that breaks on this torch
-        return False
-    return True
-
-
-def lightly_version() -> str:
-    try:
-        return importlib.metadata.version("lightly")
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def recipe_config(recipe: str, batch: int | None, extra: Sequence[str] = ()) -> Config:
@@ -126,33 +123,15 @@ def recipe_config(recipe: str, batch: int | None, extra: Sequence[str] = ()) -> 
     return load_config(recipe, [*overrides, *extra])
 
 
-def image_size(cfg: Config) -> tuple[int, int]:
-    """(channels, crop) of the recipe's dataset, as ``train.pretrain`` resolves them."""
-    info = data.dataset_info(cfg.data.dataset)
-    return info.channels, cfg.data.crop_size or info.image_size
-
-
-def view_recipe(cfg: Config) -> str:
-    channels, crop = image_size(cfg)
-    family = METHODS[cfg.method.name].views
-    return cfg.data.views or recipe_for(family, channels=channels, image_size=crop)
-
-
-def view_specs(cfg: Config) -> tuple[ViewSpec, ...]:
-    """The recipe's views, built as ``train.pretrain`` builds them."""
-    info = data.dataset_info(cfg.data.dataset)
-    _, crop = image_size(cfg)
-    return build_specs(view_recipe(cfg), crop_size=crop, mean=info.mean, std=info.std)
-
-
 def training_images(setting: Setting, cfg: Config, limit: int | None) -> data.TensorImages:
     if setting.random_images:
-        channels, crop = image_size(cfg)
+        channels, size = data.dataset_info(cfg.data.dataset).channels, crop_size(cfg)
         n = limit or setting.random_images
         g = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (n, channels, crop, crop), dtype=torch.uint8, generator=g)
+        images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g)
         return data.TensorImages(images, torch.full((n,), -1), [])
-    return limited(data.build_dataset(cfg.data.dataset, split="unlabeled"), limit)
+    dataset = data.build_dataset(cfg.data.dataset, split="unlabeled", root=cfg.data.root)
+    return limited(dataset, limit)
 
 
 def limited(dataset: Any, limit: int | None) -> data.TensorImages:
@@ -163,92 +142,92 @@ def limited(dataset: Any, limit: int | None) -> data.TensorImages:
     return data.TensorImages(dataset.images[:limit], dataset.labels[:limit], dataset.classes)
 
 
-@dataclass(frozen=True)
-class Schedule:
-    total_steps: int
-    warmup_steps: int
-
-    @classmethod
-    def of(cls, cfg: Config, steps_per_epoch: int, epochs: int | None = None) -> Schedule:
-        """As ``train.pretrain``: warm-up longer than the run is cut to the run."""
-        total = (epochs or cfg.train.epochs) * steps_per_epoch
-        return cls(total, min(round(cfg.optim.warmup_epochs * steps_per_epoch), total))
+def pretraining_source(cfg: Config, images: data.TensorImages) -> PretrainingData:
+    """``pretraining_data``: the recipe's views as pretraining draws them, over the bench's
+    in-memory ``images`` (the first ``--limit`` ones, or random ones: the resnet18 setting's
+    CIFAR-10 is not on the benchmark machine)."""
+    return pretraining_data(cfg, CPU, dataset=images)
 
 
-class BarlowTrainer:
-    """``barlow pretrain``'s step in one CPU process (no compile), from its own blocks.
+class LibraryStep:
+    """``barlow pretrain``'s step in one CPU process: the library's own :class:`Run`, built as
+    ``build_pretraining_run`` builds it over the bench's images, stepped by
+    ``TrainingLoop.step`` on the loader's batches in ``run.order``, as ``run_epoch`` walks them.
 
-    Left out, because they cost nothing measurable per step: the JSON-lines record every 20 steps
-    and the progress bar.
+    Left out, because they cost nothing measurable per step: what ``run_epoch`` does around the
+    step (the JSON-lines record every 20 steps, the progress bar); and the memory preflight and
+    banner of ``build_pretraining_run``, before training.
     """
 
-    def __init__(self, cfg: Config, images: data.TensorImages) -> None:
-        channels, crop = image_size(cfg)
-        batch = cfg.train.batch_size
-        torch.manual_seed(cfg.train.seed)
-        self.method = create_method(cfg, in_channels=channels, image_size=crop).train()
-        self.precision = Precision.resolve(cfg.train.precision, CPU)
+    def __init__(self, cfg: Config, images: data.TensorImages, run_dir: RunDir) -> None:
+        torch.manual_seed(cfg.train.seed)  # as pretraining: the same initial weights
+        source = pretraining_source(cfg, images)
+        loader, order = pretraining_loader(cfg, source, CPU)
+        method = build_method(cfg).to(CPU)
+        check_views(method, source, cfg)
+        precision = Precision.resolve(cfg.train.precision, CPU)
         self.channels_last = uses_channels_last(cfg.train.channels_last, CPU)
-        if self.channels_last:
-            to_channels_last(self.method)
-        self.base_lr = scaled_lr(cfg.optim.lr, batch)
-        bias_lr = cfg.optim.bias_lr if cfg.optim.bias_lr is not None else cfg.optim.lr
-        self.optimizer = build_optimizer(
-            cfg.optim.name,  # type: ignore[arg-type]
-            self.method,
-            lr=self.base_lr,
-            weight_decay=cfg.optim.weight_decay,
-            momentum=cfg.optim.momentum,
-            bias_lr_scale=bias_lr / cfg.optim.lr,
-            eta=cfg.optim.eta,
+        views = view_preparer(source.device_views, CPU, self.channels_last)
+        self.views_ready = 0.0
+
+        def prepare(inputs: Any, epoch: int, batch: int) -> Any:
+            prepared = views(inputs, epoch, batch)
+            self.views_ready = time.perf_counter()  # the "until views ready" column
+            return prepared
+
+        self.run = assemble_run(
+            cfg,
+            device=CPU,
+            module=method,
+            loader=loader,
+            order=order,
+            prepare=prepare,
+            precision=precision,
+            channels_last=self.channels_last,
         )
-        self.views = DeviceViews(view_specs(cfg), seed=cfg.train.seed, world=1, rank=0, device=CPU)
-        dataset = RawImages(images)
-        self.order = EpochOrder(dataset, world=1, rank=0, seed=cfg.train.seed, local_batch=batch)
-        self.loader = DataLoader(dataset, batch_size=batch, sampler=self.order, drop_last=True)
-        self.schedule = Schedule.of(cfg, len(self.loader))
-        self.final_lr_ratio = cfg.optim.final_lr_ratio
-        self.global_step = 0
+        guard = StepGuard(
+            skip_nonfinite=0,
+            skip_corrupt=False,
+            abort_on_collapse=False,
+            device=CPU,
+            signals=PreemptionSignals(),  # not entered: no handler installed
+        )
+        self.loop = TrainingLoop(
+            self.run,
+            run_dir,  # step writes nothing there
+            TrainState(),
+            guard=guard,
+            logbook=Logbook(run_dir.path, enabled=False),
+            progress=Progress(enabled=False),
+        )
+        self.run.model.train()
         self.batches = self._batches()
 
-    def _batches(self) -> Iterator[tuple[int, int, Tensor]]:
+    def _batches(self) -> Iterator[tuple[int, int, Any]]:
+        run, guard = self.run, self.loop.guard
         for epoch in itertools.count():
-            self.order.set_epoch(epoch)
-            for i, (inputs, _) in enumerate(self.loader):
-                yield epoch, i, inputs
+            run.order.set_epoch(epoch)
+            for i, (inputs, _, dropped) in enumerate(run.loader):
+                where = f"batch {i + 1} of epoch {epoch + 1}"
+                yield epoch, i, guard.usable_batch(inputs, dropped, where=where)
 
     @property
     def habits(self) -> str:
-        return f"{self.precision.name}, {'channels_last' if self.channels_last else 'NCHW'}"
+        layout = "channels_last" if self.channels_last else "NCHW"
+        return f"{self.run.precision.name}, {layout}"
+
+    @property
+    def total_steps(self) -> int:
+        """The schedule's steps: the learning rate is not defined past them."""
+        return self.run.schedule.total_steps
 
     def step(self) -> tuple[float, float]:
         """One training step; returns (seconds until the views are ready, seconds in all)."""
         start = time.perf_counter()
-        epoch, i, inputs = next(self.batches)
-        total = self.schedule.total_steps
-        lr = warmup_cosine(
-            self.global_step % total,
-            total_steps=total,
-            warmup_steps=self.schedule.warmup_steps,
-            base_lr=self.base_lr,
-            final_lr_ratio=self.final_lr_ratio,
-        )
-        set_learning_rate(self.optimizer, lr)
-        views = self.views(inputs, epoch=epoch, batch=i)
-        if self.channels_last:
-            views = images_channels_last(views)
-        inputs_s = time.perf_counter() - start
-        with flush_denormals(CPU):  # the loop's: around the whole step
-            with self.precision.autocast(CPU):
-                output = self.method(views)
-            if not bool(torch.isfinite(output.loss).item()):  # the loop's one host sync per step
-                raise FloatingPointError(f"barlow path: loss {float(output.loss)} is not finite")
-            self.optimizer.zero_grad(set_to_none=True)
-            output.loss.backward()
-            self.optimizer.step()
-        self.global_step += 1
-        self.method.after_step(self.global_step / total)
-        return inputs_s, time.perf_counter() - start
+        with flush_denormals(CPU):  # pretrain's: around the loop, batches included
+            epoch, i, inputs = next(self.batches)
+            self.loop.step(inputs, epoch, i)
+        return self.views_ready - start, time.perf_counter() - start
 
 
 class TwoViews(Dataset[tuple[Tensor, ...]]):
@@ -267,37 +246,29 @@ class TwoViews(Dataset[tuple[Tensor, ...]]):
 class PlainTrainer:
     """A plain training loop with the peers: lightly's loss, LARS and schedule, per-sample views.
 
-    Same backbone and projector modules (and initial weights) as barlow's path; the recipe's
-    hyper-parameters; biases and BatchNorm parameters get weight decay 0, which lightly's LARS
+    Same backbone and projector modules (and initial weights) as barlow's path, taken from the
+    method ``build_method`` makes; the recipe's hyper-parameters, views and schedule length
+    (``train.epochs``); biases and BatchNorm parameters get weight decay 0, which lightly's LARS
     also takes as "no trust-ratio scaling" (the recipe's split).
     """
 
-    def __init__(
-        self,
-        cfg: Config,
-        images: data.TensorImages,
-        *,
-        workers: Sequence[int],
-        epochs: int | None = None,
-    ) -> None:
+    def __init__(self, cfg: Config, images: data.TensorImages, *, workers: Sequence[int]) -> None:
         from lightly.loss import BarlowTwinsLoss
         from lightly.utils.scheduler import CosineWarmupScheduler
 
-        channels, crop = image_size(cfg)
         batch = cfg.train.batch_size
-        small = cfg.model.small_images if cfg.model.small_images is not None else crop <= 64
-        torch.manual_seed(cfg.train.seed)
-        self.backbone = create_backbone(
-            cfg.model.backbone, in_channels=channels, small_images=small
-        )
-        params = inspect.signature(METHODS["barlow_twins"]).parameters
-        projector = cfg.method.params.get("projector", params["projector"].default)
-        lambd = cfg.method.params.get("lambd", params["lambd"].default)
-        self.projector = mlp(self.backbone.num_features, projector)  # type: ignore[arg-type]
+        torch.manual_seed(cfg.train.seed)  # barlow's path draws the same initial weights
+        method = build_method(cfg)
+        if not isinstance(method, BarlowTwins):
+            raise ValueError(
+                f"the plain loop is Barlow Twins with lightly's loss; the recipe trains "
+                f"{cfg.method.name}: choose a barlow_twins recipe"
+            )
+        self.backbone, self.projector = method.backbone, method.projector
         self.model = nn.Sequential(self.backbone, self.projector).train()
-        self.criterion = BarlowTwinsLoss(lambda_param=lambd, gather_distributed=False)
+        self.criterion = BarlowTwinsLoss(lambda_param=method.lambd, gather_distributed=False)
         self.optimizer, self.optimizer_name = self._optimizer(cfg)
-        dataset = TwoViews(images.images, view_specs(cfg))
+        dataset = TwoViews(images.images, pretraining_source(cfg, images).specs)
         self.loaders = {
             w: DataLoader(
                 dataset,
@@ -309,8 +280,7 @@ class PlainTrainer:
             )
             for w in workers
         }
-        steps_per_epoch = len(images) // batch
-        self.schedule = Schedule.of(cfg, steps_per_epoch, epochs)
+        self.schedule = Schedule.from_config(cfg, len(images) // batch)
         self.scheduler = CosineWarmupScheduler(
             self.optimizer,
             warmup_epochs=self.schedule.warmup_steps,
@@ -402,12 +372,25 @@ BARLOW_VARIANTS: tuple[tuple[str, ...], ...] = (
 
 
 def contenders(
-    setting: Setting, cfg: Config, images: data.TensorImages, batch: int | None
+    setting: Setting,
+    cfg: Config,
+    images: data.TensorImages,
+    *,
+    batch: int | None,
+    planned_steps: int,
+    run_dir: RunDir,
 ) -> tuple[list[Contender], str]:
     """barlow's step per precision / memory format, and the plain loop per worker count."""
     paths = []
     for overrides in BARLOW_VARIANTS:
-        barlow = BarlowTrainer(recipe_config(setting.recipe, batch, overrides), images)
+        variant = recipe_config(setting.recipe, batch, [*setting.overrides, *overrides])
+        barlow = LibraryStep(variant, images, run_dir)
+        if planned_steps > barlow.total_steps:
+            raise ValueError(
+                f"{setting.key}: {planned_steps} steps per path exceed the schedule's "
+                f"{barlow.total_steps} (train.epochs × {barlow.run.steps_per_epoch} batches of "
+                f"{len(images)} images); raise --limit or lower --steps / --rounds"
+            )
         paths.append(Contender("barlow", f"batched ({barlow.habits})", barlow.step, 1))
     if not have_lightly():
         print("note: lightly is not importable; the plain-loop rows are skipped", file=sys.stderr)
@@ -426,19 +409,28 @@ def run_setting(
     setting: Setting, *, steps: int, rounds: int, threads: int, batch: int | None, limit: int | None
 ) -> list[str]:
     """Measure one setting; returns its section of the report."""
-    cfg = recipe_config(setting.recipe, batch)
+    cfg = recipe_config(setting.recipe, batch, setting.overrides)
     batch = cfg.train.batch_size
     images = training_images(setting, cfg, limit)
     if len(images) < batch:
         raise ValueError(f"{len(images)} images are fewer than one batch of {batch}; raise --limit")
-    paths, optimizer_name = contenders(setting, cfg, images, batch)
-    for r in range(rounds):
-        for path in paths:
-            measure(path, steps, batch)
-            print(
-                f"  {setting.key} round {r + 1}: {path.label}: {path.rates[-1]:.0f} images/s",
-                file=sys.stderr,
-            )
+    views = pretraining_source(cfg, images).recipe
+    with tempfile.TemporaryDirectory(prefix="step_bench-") as scratch:
+        paths, optimizer_name = contenders(
+            setting,
+            cfg,
+            images,
+            batch=batch,
+            planned_steps=rounds * (1 + steps),
+            run_dir=RunDir(Path(scratch)),
+        )
+        for r in range(rounds):
+            for path in paths:
+                measure(path, steps, batch)
+                print(
+                    f"  {setting.key} round {r + 1}: {path.label}: {path.rates[-1]:.0f} images/s",
+                    file=sys.stderr,
+                )
     median = {p.label: statistics.median(p.rates) for p in paths}
     plain_rates = [v for k, v in median.items() if k.startswith("plain")]
     reference = max(plain_rates) if plain_rates else float("nan")
@@ -452,7 +444,8 @@ def run_setting(
         "",
         f"- recipe `{setting.recipe}`, batch {batch}, {len(images)} images"
         + (" (random uint8)" if setting.random_images else "")
-        + f"; views `{view_recipe(cfg)}` at {image_size(cfg)[1]} px",
+        + f"; views `{views}` at {crop_size(cfg)} px"
+        + (f"; `--set {' '.join(setting.overrides)}`" if setting.overrides else ""),
         f"- plain loop optimizer: {optimizer_name}",
         f"- {steps} timed step{'s' * (steps != 1)} per path per round after {warmup_note}; "
         f"median of {rounds} round{'s' * (rounds != 1)}",
@@ -483,10 +476,9 @@ def run_setting(
 
 
 def machine_lines(threads: int, load_before: tuple[float, ...]) -> list[str]:
-    pythonpath = f"PYTHONPATH={os.environ['PYTHONPATH']} " if "PYTHONPATH" in os.environ else ""
     fmt = ", ".join
     return [
-        f"- command: `{pythonpath}{' '.join(['python', *sys.argv])}`",
+        f"- command: `{command_line()}`",
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
         f"- machine: {os.cpu_count()} CPU cores ({cpu_name()}), Python {platform.python_version()}",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, "
@@ -523,14 +515,17 @@ def throughput_report(args: argparse.Namespace) -> str:
         "",
     ]
     notes = [
-        "barlow: `RawImages` + `EpochOrder` DataLoader (main process), `DeviceViews` "
-        '(`BatchedMultiView`), `BarlowTwins` (loss `path="auto"`), finite-loss check, '
-        "`build_optimizer` LARS, `warmup_cosine`, denormals flushed (`compute.flush_denormals`): "
-        "the step of `barlow pretrain`. Its rows name the precision (`train.precision=auto` "
+        "barlow: the step of `barlow pretrain`, from the library itself: the `Run` that "
+        "`training.setup` builds (`pretraining_data` views and `pretraining_loader`: `RawImages` "
+        "batches in `EpochOrder` through a DataLoader in the main process, `DeviceViews` = "
+        '`BatchedMultiView`; `build_method`\'s `BarlowTwins`, loss `path="auto"`; '
+        "`assemble_run`'s LARS and warm-up + cosine `Schedule`), stepped by "
+        "`TrainingLoop.step` (its finite-loss vote, the one host sync) with denormals flushed "
+        "(`compute.flush_denormals`). Its rows name the precision (`train.precision=auto` "
         "resolves to bf16 autocast on a CPU with native bf16) and the memory format. The shipped "
         "cifar10-resnet18 recipe draws its views per sample in 8 workers "
-        '(`data.augment_on = "workers"`); the resnet18 rows run barlow\'s batched views instead '
-        "(`--set data.augment_on=device`).",
+        '(`data.augment_on = "workers"`); the resnet18 rows run barlow\'s batched views instead, '
+        "the loader in the main process (`--set data.augment_on=device data.num_workers=0`).",
         "",
         "plain loop: the same backbone and projector modules and initial weights, "
         "torchvision.transforms.v2 per sample (`augment.per_sample_transform`: the same view "

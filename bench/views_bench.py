@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from barlow.augment import MultiView, ViewSpec, build_specs
 from barlow.batched_views import BatchedMultiView
-from machine import cpu_name, emit_report
+from machine import command_line, cpu_name, emit_report
 
 THREADS = 2
 WORKERS = (0, 1, 2)
@@ -201,11 +201,10 @@ def run(rounds: int, cases: tuple[Case, ...]) -> str:
         import kornia
 
         kornia_version = kornia.__version__
-    pythonpath = f"PYTHONPATH={os.environ['PYTHONPATH']} " if "PYTHONPATH" in os.environ else ""
     header = [
         "# Views on CPU: batched path vs per-sample torchvision v2 vs kornia",
         "",
-        f"- command: `{pythonpath}{' '.join(['python', *sys.argv])}`",
+        f"- command: `{command_line()}`",
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC",
         f"- machine: {os.cpu_count()} CPU cores ({cpu_name()}), Python {platform.python_version()}",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, "

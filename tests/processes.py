@@ -57,6 +57,12 @@ def join_as_rank(rank: int, world: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+def leave_process_group() -> None:
+    """In a spawned worker, at its end: destroy the default process group if there is one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def save_rank_result(out_dir: str | Path, rank: int, result: Any) -> None:
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
 

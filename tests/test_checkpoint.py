@@ -29,6 +29,7 @@ from barlow.checkpoint import (
     validate_checkpoint,
 )
 from barlow.config import apply_overrides
+from barlow.training.state import CHECKPOINT_KEYS, validate_training_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "barlow"
 
@@ -336,7 +337,7 @@ def test_failed_save_at_any_point_keeps_previous_checkpoint(tmp_path, monkeypatc
 
 
 def train_state(step: int, size: int = 16) -> dict:
-    """A state with every key barlow.train writes, its tensors tagged with ``step``."""
+    """A state with every key a training checkpoint holds, its tensors tagged with ``step``."""
     return {
         "barlow_version": "test",
         "config": {"method": {"name": "barlow_twins"}},
@@ -356,16 +357,16 @@ def snapshots(run_dir) -> list[str]:
 def test_validate_checkpoint_names_what_is_wrong(tmp_path):
     path = tmp_path / "c.pt"
     save_checkpoint(train_state(3), path)
-    assert validate_checkpoint(path)["global_step"] == 3
+    assert validate_checkpoint(path, required_keys=CHECKPOINT_KEYS)["global_step"] == 3
     save_checkpoint({"global_step": 3}, path)
     with pytest.raises(ValueError, match=r"c\.pt is incomplete: it lacks \['barlow_version'"):
-        validate_checkpoint(path)
+        validate_checkpoint(path, required_keys=CHECKPOINT_KEYS)
     assert validate_checkpoint(path, required_keys=("global_step",))["global_step"] == 3
     state = train_state(3)
     state["method"]["w"][0] = float("nan")
     torch.save({**state, "format_version": FORMAT_VERSION}, path)  # save_checkpoint refuses NaN
     with pytest.raises(ValueError, match=r"c\.pt is corrupt: state\['method'\]\['w'\]"):
-        validate_checkpoint(path)
+        validate_checkpoint(path, required_keys=CHECKPOINT_KEYS)
 
 
 def test_latest_valid_skips_a_truncated_newer_snapshot(tmp_path):
@@ -374,7 +375,7 @@ def test_latest_valid_skips_a_truncated_newer_snapshot(tmp_path):
     truncated = tmp_path / snapshot_name(20)
     truncated.write_bytes(truncated.read_bytes()[:1000])
     with pytest.warns(RuntimeWarning, match=re.escape(str(truncated))) as caught:
-        found = latest_valid_checkpoint(tmp_path)
+        found = latest_valid_checkpoint(tmp_path, required_keys=CHECKPOINT_KEYS)
     assert found == tmp_path / snapshot_name(10) and len(caught) == 1
     assert f"using {found}" in str(caught[0].message)
     assert load_checkpoint(found)["global_step"] == 10
@@ -383,10 +384,15 @@ def test_latest_valid_skips_a_truncated_newer_snapshot(tmp_path):
 def test_latest_valid_prefers_checkpoint_pt_and_opens_nothing_older(tmp_path, recwarn):
     save_checkpoint(train_state(30), tmp_path / "checkpoint.pt")
     (tmp_path / snapshot_name(20)).write_bytes(b"garbage")  # older: never opened, no warning
-    assert latest_valid_checkpoint(tmp_path) == tmp_path / "checkpoint.pt"
+    assert (
+        latest_valid_checkpoint(tmp_path, required_keys=CHECKPOINT_KEYS)
+        == tmp_path / "checkpoint.pt"
+    )
     assert not recwarn.list
     save_checkpoint(train_state(40), tmp_path / snapshot_name(40))  # newer snapshot wins
-    assert latest_valid_checkpoint(tmp_path) == tmp_path / snapshot_name(40)
+    assert latest_valid_checkpoint(
+        tmp_path, required_keys=CHECKPOINT_KEYS
+    ) == tmp_path / snapshot_name(40)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "incomplete", "not a checkpoint"])
@@ -403,15 +409,17 @@ def test_latest_valid_falls_back_from_a_damaged_checkpoint_pt(tmp_path, damage):
     else:
         latest.write_text("hello")
     with pytest.warns(RuntimeWarning, match=re.escape(str(latest))):
-        assert latest_valid_checkpoint(tmp_path) == tmp_path / snapshot_name(10)
+        assert latest_valid_checkpoint(
+            tmp_path, required_keys=CHECKPOINT_KEYS
+        ) == tmp_path / snapshot_name(10)
 
 
 def test_latest_valid_with_nothing_valid(tmp_path):
-    assert latest_valid_checkpoint(tmp_path / "missing") is None
-    assert latest_valid_checkpoint(tmp_path) is None
+    assert latest_valid_checkpoint(tmp_path / "missing", required_keys=CHECKPOINT_KEYS) is None
+    assert latest_valid_checkpoint(tmp_path, required_keys=CHECKPOINT_KEYS) is None
     (tmp_path / "checkpoint.pt").write_bytes(b"\x00" * 10)
     with pytest.warns(RuntimeWarning, match="no valid checkpoint is left"):
-        assert latest_valid_checkpoint(tmp_path) is None
+        assert latest_valid_checkpoint(tmp_path, required_keys=CHECKPOINT_KEYS) is None
 
 
 def test_retain_keeps_the_last_k_and_a_failed_save_deletes_nothing(tmp_path, monkeypatch):
@@ -419,7 +427,7 @@ def test_retain_keeps_the_last_k_and_a_failed_save_deletes_nothing(tmp_path, mon
     (tmp_path / "best.pt").write_bytes(b"not ours")
     for step in range(1, 6):
         save_checkpoint(train_state(step), latest)
-        retain(tmp_path, keep_last=2)
+        retain(tmp_path, keep_last=2, required_keys=CHECKPOINT_KEYS)
     assert snapshots(tmp_path) == [snapshot_name(4), snapshot_name(5)]
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["best.pt", "checkpoint.pt", *snapshots(tmp_path)]
@@ -438,12 +446,12 @@ def test_retain_keeps_the_last_k_and_a_failed_save_deletes_nothing(tmp_path, mon
 def test_retain_refuses_an_invalid_latest_and_deletes_nothing(tmp_path):
     for step in (1, 2):
         save_checkpoint(train_state(step), tmp_path / "checkpoint.pt")
-        retain(tmp_path, keep_last=1)
+        retain(tmp_path, keep_last=1, required_keys=CHECKPOINT_KEYS)
     listing = sorted(os.listdir(tmp_path))
     (tmp_path / "checkpoint.pt").unlink()
     save_checkpoint({"global_step": 3}, tmp_path / "checkpoint.pt")  # lacks the training keys
     with pytest.raises(ValueError, match="incomplete"):
-        retain(tmp_path, keep_last=1)
+        retain(tmp_path, keep_last=1, required_keys=CHECKPOINT_KEYS)
     assert sorted(os.listdir(tmp_path)) == listing
 
 
@@ -454,7 +462,7 @@ def test_retain_cleans_stale_temps_and_abandoned_snapshots(tmp_path):
     for name in stale + kept:
         (tmp_path / name).write_bytes(b"x")
     save_checkpoint(train_state(6), tmp_path / "checkpoint.pt")
-    removed = retain(tmp_path, keep_last=3)
+    removed = retain(tmp_path, keep_last=3, required_keys=CHECKPOINT_KEYS)
     assert sorted(p.name for p in removed) == sorted([snapshot_name(9), *stale])
     assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", snapshot_name(6), *kept])
 
@@ -462,12 +470,12 @@ def test_retain_cleans_stale_temps_and_abandoned_snapshots(tmp_path):
 def test_retain_zero_keeps_only_the_latest(tmp_path):
     for step in (1, 2):
         save_checkpoint(train_state(step), tmp_path / "checkpoint.pt")
-        retain(tmp_path, keep_last=2)
-    retain(tmp_path, keep_last=0)
+        retain(tmp_path, keep_last=2, required_keys=CHECKPOINT_KEYS)
+    retain(tmp_path, keep_last=0, required_keys=CHECKPOINT_KEYS)
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="keep_last"):
-            retain(tmp_path, keep_last=bad)
+            retain(tmp_path, keep_last=bad, required_keys=CHECKPOINT_KEYS)
 
 
 def test_retain_copies_where_hard_links_fail(tmp_path, monkeypatch):
@@ -477,7 +485,7 @@ def test_retain_copies_where_hard_links_fail(tmp_path, monkeypatch):
         raise OSError(errno.EPERM, "hard links not supported")
 
     monkeypatch.setattr(os, "link", no_links)
-    retain(tmp_path, keep_last=1)
+    retain(tmp_path, keep_last=1, required_keys=CHECKPOINT_KEYS)
     snapshot = tmp_path / snapshot_name(7)
     assert not os.path.samefile(tmp_path / "checkpoint.pt", snapshot)
     assert digest(snapshot) == digest(tmp_path / "checkpoint.pt")
@@ -519,11 +527,11 @@ def test_malicious_checkpoint_is_refused_by_every_loader(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "checkpoint.pt"
     torch.save({**train_state(1), "format_version": 1, "x": Exploit(marker)}, path)
-    for load in (load_checkpoint, validate_checkpoint, load_exported_backbone):
+    for load in (load_checkpoint, validate_training_checkpoint, load_exported_backbone):
         with pytest.raises(ValueError, match="it was not executed"):
             load(path)
     with pytest.warns(RuntimeWarning, match="not executed"):
-        assert latest_valid_checkpoint(tmp_path) is None
+        assert latest_valid_checkpoint(tmp_path, required_keys=CHECKPOINT_KEYS) is None
     assert not marker.exists()
 
 
@@ -560,11 +568,11 @@ def test_the_current_format_version_has_a_committed_fixture():
 
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda path: path.name)
 def test_committed_checkpoint_loads_and_trains_one_step(path, fixture_width):
+    from barlow.assessment import load_pretrained
     from barlow.optim import build_optimizer
-    from barlow.report import load_pretrained
 
     assert path.stat().st_size < 100_000
-    state = validate_checkpoint(path)
+    state = validate_checkpoint(path, required_keys=CHECKPOINT_KEYS)
     method, cfg, _ = load_pretrained(path)
     optimizer = build_optimizer(
         cfg.optim.name,
@@ -589,7 +597,7 @@ def test_committed_checkpoint_loads_and_trains_one_step(path, fixture_width):
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda path: path.name)
 def test_committed_checkpoint_resumes_through_pretrain(path, tmp_path, fixture_width):
     from barlow.config import from_dict
-    from barlow.train import pretrain
+    from barlow.training import pretrain
 
     state = load_checkpoint(path)
     cfg = from_dict(state["config"])
@@ -597,5 +605,5 @@ def test_committed_checkpoint_resumes_through_pretrain(path, tmp_path, fixture_w
     resumed_from = int(state["global_step"])
     cfg = from_dict(apply_overrides(cfg.to_dict(), [f"train.max_steps={resumed_from + 1}"]))
     pretrain(cfg, tmp_path, resume=True, progress=False)
-    after = validate_checkpoint(tmp_path / "checkpoint.pt")
+    after = validate_checkpoint(tmp_path / "checkpoint.pt", required_keys=CHECKPOINT_KEYS)
     assert int(after["global_step"]) == resumed_from + 1

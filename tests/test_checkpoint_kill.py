@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from barlow.checkpoint import latest_valid_checkpoint, retain, snapshot_name, validate_checkpoint
+from barlow.training.state import CHECKPOINT_KEYS
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TRIALS = 10
@@ -36,6 +37,7 @@ HELPER = textwrap.dedent(
     from pathlib import Path
     import torch
     from barlow.checkpoint import retain, rng_state, save_checkpoint
+    from barlow.training.state import CHECKPOINT_KEYS
 
     def state(step, size):
         return {
@@ -59,7 +61,7 @@ HELPER = textwrap.dedent(
             if stall and step == 2:
                 torch.save = half_then_hang
             save_checkpoint(state(step, size), run_dir / "checkpoint.pt")
-            retain(run_dir, keep_last=2)
+            retain(run_dir, keep_last=2, required_keys=CHECKPOINT_KEYS)
             print("saved", step, flush=True)
 
     real_save = torch.save
@@ -149,16 +151,20 @@ def helper() -> Iterator[Helper]:
 
 def check_run_dir(run_dir: Path, last_reported: int) -> int:
     """The newest valid checkpoint holds the last reported step or the next; all files valid."""
-    path = latest_valid_checkpoint(run_dir)  # the caller asserts no RuntimeWarning was raised
+    path = latest_valid_checkpoint(
+        run_dir, required_keys=CHECKPOINT_KEYS
+    )  # the caller asserts no RuntimeWarning was raised
     assert path is not None
-    state = validate_checkpoint(path)
+    state = validate_checkpoint(path, required_keys=CHECKPOINT_KEYS)
     step = int(state["global_step"])
     assert step in (last_reported, last_reported + 1)
     assert torch.equal(state["method"]["w"], torch.full((SIZE,), float(step)))
     for snapshot in run_dir.glob("checkpoint-step*.pt"):
-        assert validate_checkpoint(snapshot)["global_step"] == int(snapshot.stem[15:])
+        assert validate_checkpoint(snapshot, required_keys=CHECKPOINT_KEYS)["global_step"] == int(
+            snapshot.stem[15:]
+        )
     # the next save's retain() removes what the kill left behind
-    retain(run_dir, keep_last=2)
+    retain(run_dir, keep_last=2, required_keys=CHECKPOINT_KEYS)
     assert not [name for name in os.listdir(run_dir) if name.endswith(".tmp")]
     return step
 
@@ -184,7 +190,9 @@ def test_sigkill_in_the_middle_of_writing_the_temp_file(tmp_path, helper, recwar
     temps = [name for name in os.listdir(run_dir) if name.endswith(".tmp")]
     assert len(temps) == 1 and (run_dir / temps[0]).stat().st_size > 0  # half a checkpoint
     assert helper.kill(pid) == []
-    assert latest_valid_checkpoint(run_dir) == run_dir / "checkpoint.pt"
+    assert (
+        latest_valid_checkpoint(run_dir, required_keys=CHECKPOINT_KEYS) == run_dir / "checkpoint.pt"
+    )
     assert check_run_dir(run_dir, last_reported=1) == 1
     assert sorted(os.listdir(run_dir)) == sorted(["checkpoint.pt", snapshot_name(1)])
     assert not [w for w in recwarn.list if issubclass(w.category, RuntimeWarning)]

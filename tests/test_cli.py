@@ -117,7 +117,7 @@ def test_torchrun_two_processes(tmp_path: Path) -> None:
 
 def test_fault_flags_set_their_config_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--skip-corrupt sets data.skip_corrupt; --resume-weights-only implies --resume."""
-    import barlow.train
+    import barlow.training
 
     seen: dict[str, object] = {}
 
@@ -125,7 +125,7 @@ def test_fault_flags_set_their_config_keys(tmp_path: Path, monkeypatch: pytest.M
         seen.update(cfg=cfg, resume=resume)
         return {}
 
-    monkeypatch.setattr(barlow.train, "pretrain", record)
+    monkeypatch.setattr(barlow.training, "pretrain", record)
     assert main(["pretrain", "--out", str(tmp_path)]) == 0
     cfg = seen["cfg"]
     assert not cfg.data.skip_corrupt and not cfg.train.resume_weights_only  # type: ignore[attr-defined]

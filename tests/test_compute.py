@@ -20,8 +20,8 @@ from barlow.compute import (
     uses_channels_last,
 )
 from barlow.config import load_config
-from barlow.methods import create_method
-from barlow.train import CHECKPOINT_NAME, pretrain
+from barlow.encoder import build_method
+from barlow.training import CHECKPOINT_NAME, pretrain
 
 CPU = torch.device("cpu")
 
@@ -104,7 +104,7 @@ def test_bf16_autocast_step_keeps_a_float32_loss_near_fp32() -> None:
     """bf16 convolutions and matmuls; the loss stays float32 and within bf16 rounding of fp32."""
     cfg = load_config("fashion-mnist", ['method.projector="256-256"'])
     torch.manual_seed(0)
-    method = create_method(cfg, in_channels=1, image_size=28).train()
+    method = build_method(cfg).train()
     views = [torch.randn(64, 1, 28, 28), torch.randn(64, 1, 28, 28)]
     exact = method(views).loss
     with Precision(torch.bfloat16).autocast(CPU):

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from barlow.backbones import SmallCNN
-from barlow.train import wrap_for_training
+from barlow.training import wrap_for_training
 from processes import join_as_rank, save_rank_result, spawn_ranks
 
 WORLD_SIZE, HALF = 2, 4

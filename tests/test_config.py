@@ -10,10 +10,10 @@ from barlow.config import (
     apply_overrides,
     from_dict,
     load_config,
-    method_parameters,
     read_recipe,
     shipped_recipes,
 )
+from barlow.methods import method_parameters
 
 
 def test_the_documented_recipes_are_shipped() -> None:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from barlow import distributed
 from barlow.backbones import create_backbone
 from barlow.methods import CMC, Method, MoCo, SimCLR
-from processes import join_as_rank, save_rank_result, spawn_ranks
+from processes import join_as_rank, leave_process_group, save_rank_result, spawn_ranks
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
@@ -98,7 +98,7 @@ def checks_in_worker(rank: int) -> dict[str, Any]:
         name: train_steps(name, nn.parallel.DistributedDataParallel(build(name)), rank)
         for name in NAMES
     }
-    distributed.shutdown()
+    leave_process_group()
     return results
 
 

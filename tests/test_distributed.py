@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from barlow import distributed
 from barlow.losses import barlow_twins_loss
-from processes import join_as_rank, save_rank_result, spawn_ranks
+from processes import join_as_rank, leave_process_group, save_rank_result, spawn_ranks
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 16
@@ -120,7 +120,7 @@ def checks_in_worker(rank: int) -> dict[str, Any]:
     results["any/all"] = distributed.any_rank(True, cpu)
     results["broadcast"] = distributed.broadcast_object({"from": rank}, src=1)
     distributed.barrier()
-    distributed.shutdown()
+    leave_process_group()
     results["after_shutdown"] = (distributed.is_distributed(), distributed.world_size())
     return results
 
@@ -234,7 +234,7 @@ def test_single_process_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not distributed.any_rank(False, torch.device("cpu"))
     assert distributed.broadcast_object("run-1") == "run-1"
     distributed.barrier()
-    distributed.shutdown()
+    leave_process_group()
 
 
 def test_environment_errors(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ its k-th forward pass (= step k, counted from 1).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,11 +16,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
 
 from barlow import checkpoint
 from barlow.preemption import EXIT_CODE
-from barlow.train import CHECKPOINT_NAME
+from barlow.training import CHECKPOINT_NAME
+from barlow.training.state import validate_training_checkpoint
 from processes import free_port
 
 BOUND_S = 60  # R22: every rank has exited this long after the fault
@@ -54,6 +57,9 @@ def faulty(self, views):
         time.sleep(hang_s)
     if hit and mode == "sigterm":
         os.kill(os.getpid(), signal.SIGTERM)
+    if hit and mode == "nan-data":
+        views = [v.clone() for v in views]
+        views[0][0, 0, 0, 0] = float("nan")
     out = forward(self, views)
     if hit and mode == "nan":
         out.loss = out.loss * float("nan")
@@ -158,11 +164,29 @@ def test_a_non_finite_loss_on_one_rank_stops_both_at_the_same_step(tmp_path: Pat
         assert step in rank.stderr and "last good checkpoint:" in rank.stderr
         assert f"{CHECKPOINT_NAME} (epoch 1)" in rank.stderr
     run = tmp_path / "run"
-    state = checkpoint.validate_checkpoint(run / CHECKPOINT_NAME)  # complete, every tensor finite
+    state = validate_training_checkpoint(run / CHECKPOINT_NAME)  # complete, every tensor finite
     assert (state["epoch"], state["global_step"]) == (1, STEPS_PER_EPOCH)
     for snapshot in run.glob("checkpoint-step*.pt"):
-        checkpoint.validate_checkpoint(snapshot)
+        validate_training_checkpoint(snapshot)
     assert all(torch.isfinite(t).all() for t in state["method"].values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("mode", ["nan", "nan-data"])
+def test_skip_nonfinite_skips_a_step_that_is_non_finite_on_one_rank(
+    tmp_path: Path, mode: str
+) -> None:
+    """train.skip_nonfinite=1 with 2 processes: a NaN loss (or a NaN pixel, which also passes
+    through BatchNorm) on rank 1 alone is skipped by both ranks at the same step; the run
+    finishes with every tensor finite, and the log names the skipped step once."""
+    fault_step = STEPS_PER_EPOCH + 2
+    ranks = launch(tmp_path, mode, fault_step, "train.skip_nonfinite=1")
+    assert [r.code for r in ranks] == [0, 0], [r.stderr[-1500:] for r in ranks]
+    state = validate_training_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)  # every tensor finite
+    assert (state["epoch"], state["global_step"]) == (2, 2 * STEPS_PER_EPOCH)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    skips = [r for r in map(json.loads, lines) if "skipped_nonfinite" in r]
+    assert [(r["step"], r["skipped_nonfinite"]) for r in skips] == [(fault_step - 1, 1)]
+    assert "loss per process is [" in ranks[0].stderr and "skipped a step (1/1" in ranks[0].stderr
 
 
 def test_a_signal_to_one_rank_stops_both(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from barlow.heads import ema_update, mlp, mlp_num_parameters, momentum_schedule, parse_spec
+from barlow.heads import mlp, mlp_num_parameters, parse_spec
+from barlow.methods.momentum import ema_update, momentum_schedule
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ import pytest
 
 from barlow.config import load_config
 from barlow.data import DEBIAN_FASHION_MNIST, read_idx
-from barlow.train import pretrain
+from barlow.training import pretrain
 
 TRAIN, TEST = 6000, 2000
 

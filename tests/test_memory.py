@@ -8,20 +8,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from barlow import checkpoint
 from barlow.cli import main
 from barlow.config import load_config
+from barlow.encoder import build_method
 from barlow.heads import mlp_num_parameters
-from barlow.methods import METHODS, BarlowTwins, create_method
-from barlow.train import CHECKPOINT_NAME, largest_loss_matrix, memory_estimate
+from barlow.methods import METHODS, BarlowTwins
+from barlow.training import CHECKPOINT_NAME
+from barlow.training.memory import memory_estimate
+from barlow.training.state import validate_training_checkpoint
 
 
 def test_estimate_of_the_paper_model() -> None:
     """ResNet-50 + the 8192-8192-8192 projector, built on the meta device (no memory)."""
     cfg = load_config("imagenet-resnet50")
     with torch.device("meta"):
-        method = create_method(cfg, in_channels=3, image_size=224)
-    estimate = memory_estimate(method, "barlow_twins", cfg.method.params, global_batch=2048)
+        method = build_method(cfg)
+    estimate = memory_estimate(method, global_batch=2048)
     projector = estimate.parameters["projector"]
     # 2048·8192 + 2·8192² weights + 2 BatchNorms × 2·8192 = 151 027 712
     assert projector == mlp_num_parameters(2048, "8192-8192-8192") == 151_027_712
@@ -32,7 +34,7 @@ def test_estimate_of_the_paper_model() -> None:
     assert estimate.model_mib == pytest.approx(4 * (total + buffers + 2 * total) / 2**20)
     # N = 2048 < 3·8192/4: the two N×N Gram matrices; N = 16384: the 8192×8192 correlation
     assert estimate.loss_matrix == (2048, 2048) and estimate.loss_matrix_mib == 16
-    big = memory_estimate(method, "barlow_twins", cfg.method.params, global_batch=16384)
+    big = memory_estimate(method, global_batch=16384)
     assert big.loss_matrix == (8192, 8192) and big.loss_matrix_mib == 256
     assert "174.5 M parameters" in estimate.summary() and "projector 151.03 M" in estimate.summary()
 
@@ -41,8 +43,8 @@ def test_estimate_of_the_paper_model() -> None:
 def test_estimate_counts_every_method(name: str) -> None:
     cfg = load_config("digits", [f'method.name="{name}"'])
     with torch.device("meta"):
-        method = create_method(cfg, in_channels=1, image_size=16)
-    estimate = memory_estimate(method, name, cfg.method.params, global_batch=64, world=2)
+        method = build_method(cfg)
+    estimate = memory_estimate(method, global_batch=64, world=2)
     assert estimate.total_parameters == sum(p.numel() for p in method.parameters())
     trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
     assert estimate.trainable == trainable
@@ -51,19 +53,27 @@ def test_estimate_counts_every_method(name: str) -> None:
     assert min(estimate.loss_matrix) >= 1
 
 
+def largest(name: str, *params: str, global_batch: int, world: int = 1) -> tuple:
+    """The method's own answer for its loss's largest matrix, built on the meta device."""
+    cfg = load_config("digits", [f'method.name="{name}"', *params])
+    with torch.device("meta"):
+        return build_method(cfg).largest_loss_matrix(global_batch, world)
+
+
 def test_loss_matrix_per_method() -> None:
     n, world = 512, 4
-    assert largest_loss_matrix("barlow_twins", {"projector": "64-8192"}, global_batch=n) == (
+    assert largest("barlow_twins", 'method.projector="64-8192"', global_batch=n) == (
         "N×N Gram matrix",
         (512, 512),
     )
-    forced = {"projector": "64-8192", "loss_path": "correlation"}
-    assert largest_loss_matrix("vicreg", forced, global_batch=n)[1] == (8192, 8192)
-    simclr = largest_loss_matrix("simclr", {"projector": "128"}, global_batch=n, world=world)
+    forced = ('method.projector="64-8192"', 'method.loss_path="correlation"')
+    assert largest("vicreg", *forced, global_batch=n)[1] == (8192, 8192)
+    simclr = largest("simclr", 'method.projector="128"', global_batch=n, world=world)
     assert simclr[1] == (2 * n // world, 2 * n)
-    moco = {"projector": "128", "queue_size": 65536}
-    assert largest_loss_matrix("moco", moco, global_batch=n, world=world)[1] == (128, 65537)
-    assert largest_loss_matrix("byol", {"projector": "256"}, global_batch=n)[1] == (512, 256)
+    moco = ('method.projector="128"', "method.queue_size=65536")
+    assert largest("moco", *moco, global_batch=n, world=world)[1] == (128, 65537)
+    assert largest("byol", 'method.projector="256"', global_batch=n)[1] == (512, 256)
+    assert largest("cmc", 'method.projector="32"', global_batch=n, world=world)[1] == (128, 512)
 
 
 def test_out_of_memory_in_a_step_names_what_to_shrink(
@@ -98,5 +108,5 @@ def test_out_of_memory_in_a_step_names_what_to_shrink(
     for hint in ("train.batch_size=256", "method.projector='32-32'", "train.precision"):
         assert hint in message
     assert f"{tmp_path / CHECKPOINT_NAME} (epoch 1)" in message
-    state = checkpoint.validate_checkpoint(tmp_path / CHECKPOINT_NAME)  # intact and complete
+    state = validate_training_checkpoint(tmp_path / CHECKPOINT_NAME)  # intact and complete
     assert (state["epoch"], state["global_step"]) == (1, steps_per_epoch)

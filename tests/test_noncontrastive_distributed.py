@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from barlow import distributed
 from barlow.methods import METHODS, Method
-from processes import join_as_rank, save_rank_result, spawn_ranks
+from processes import join_as_rank, leave_process_group, save_rank_result, spawn_ranks
 from test_distributed import max_rel_err, rel_err
 
 WORLD_SIZE = 2
@@ -91,7 +91,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     join_as_rank(rank, WORLD_SIZE, port)
     distributed.init_from_env(backend="gloo")
     results = {case: ddp_run(case, rank) for case in CASES}
-    distributed.shutdown()
+    leave_process_group()
     save_rank_result(out_dir, rank, results)
 
 

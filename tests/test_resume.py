@@ -19,7 +19,8 @@ from barlow import checkpoint
 from barlow.config import Config, load_config
 from barlow.methods import METHODS
 from barlow.preemption import EXIT_CODE, PreemptionSignals
-from barlow.train import CHECKPOINT_NAME, EpochOrder, ViewDataset, pretrain, sample_seed
+from barlow.training import CHECKPOINT_NAME, pretrain
+from barlow.training.epoch_data import EpochOrder, ViewDataset, sample_seed
 from processes import free_port
 
 TINY = [
@@ -266,13 +267,11 @@ def bigger_overrides(max_steps: int = 2) -> list[str]:
 def test_load_weights_only_into_another_method() -> None:
     """Barlow Twins → BYOL: the backbone is loaded, BYOL's target starts as its copy again, the
     heads whose shapes differ stay fresh; a different backbone is refused naming the mismatch."""
-    from barlow.methods import create_method
-    from barlow.train import load_weights_only
+    from barlow.encoder import build_method
+    from barlow.training.resume import load_weights_only
 
-    source = create_method(tiny(), in_channels=1, image_size=8).state_dict()
-    byol = create_method(
-        tiny('method.name="byol"', 'method.projector="16-8"'), in_channels=1, image_size=8
-    )
+    source = build_method(tiny()).state_dict()
+    byol = build_method(tiny('method.name="byol"', 'method.projector="16-8"'))
     fresh_projector = {k: v.clone() for k, v in byol.projector.state_dict().items()}
     parts = load_weights_only(byol, source)
     assert parts["loaded"] == ["backbone"]
@@ -282,6 +281,6 @@ def test_load_weights_only_into_another_method() -> None:
     assert_identical(byol.backbone.state_dict(), backbone)
     assert_identical(byol.target_backbone.state_dict(), backbone)
     assert_identical(byol.projector.state_dict(), fresh_projector)
-    resnet = create_method(tiny('model.backbone="resnet18"'), in_channels=1, image_size=8)
+    resnet = build_method(tiny('model.backbone="resnet18"'))
     with pytest.raises(ValueError, match="weights do not fit"):
         load_weights_only(resnet, source)

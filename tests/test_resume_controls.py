@@ -20,10 +20,11 @@ from typing import Any
 import pytest
 import torch
 
-from barlow import checkpoint, train
+from barlow import checkpoint
 from barlow.config import Config, load_config
 from barlow.methods import BarlowTwins
-from barlow.train import CHECKPOINT_NAME, pretrain
+from barlow.training import CHECKPOINT_NAME, pretrain, setup
+from barlow.training.state import validate_training_checkpoint
 from processes import free_port, run_group
 
 FAST = [
@@ -43,7 +44,7 @@ def fast(*extra: str) -> Config:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.validate_checkpoint(run / CHECKPOINT_NAME)["method"]
+    return validate_training_checkpoint(run / CHECKPOINT_NAME)["method"]
 
 
 def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
@@ -113,15 +114,15 @@ def test_a_two_process_checkpoint_resumes_in_one_process_and_back(
     run = tmp_path / "run"
     two = _torchrun(run, "train.max_steps=2")
     assert two.returncode == 0, two.stderr[-2000:]
-    saved = checkpoint.validate_checkpoint(run / CHECKPOINT_NAME)
+    saved = validate_training_checkpoint(run / CHECKPOINT_NAME)
     assert saved["global_step"] == 2 and len(saved["rng"]) == 2  # one RNG state per rank
 
     # What the 1-process resume holds right after loading: spy on the method and the optimizer.
     loaded: dict[str, Any] = {}
-    create_method, build_optimizer = train.create_method, train.build_optimizer
+    build_method, build_optimizer = setup.build_method, setup.build_optimizer
 
     def spy_method(*args: Any, **kwargs: Any) -> Any:
-        method = create_method(*args, **kwargs)
+        method = build_method(*args, **kwargs)
         load = method.load_state_dict
 
         def recording_load(state: Any, *a: Any, **k: Any) -> Any:
@@ -143,8 +144,8 @@ def test_a_two_process_checkpoint_resumes_in_one_process_and_back(
         optimizer.load_state_dict = recording_load  # type: ignore[method-assign]
         return optimizer
 
-    monkeypatch.setattr(train, "create_method", spy_method)
-    monkeypatch.setattr(train, "build_optimizer", spy_optimizer)
+    monkeypatch.setattr(setup, "build_method", spy_method)
+    monkeypatch.setattr(setup, "build_optimizer", spy_optimizer)
     pretrain(fast("train.max_steps=3"), run, resume=True, progress=False)
     assert not differing(loaded["method"], saved["method"])
     saved_moments = saved["optimizer"]["state"]
@@ -152,13 +153,13 @@ def test_a_two_process_checkpoint_resumes_in_one_process_and_back(
     assert saved_moments.keys() == loaded_moments.keys() and saved_moments
     for key, slots in saved_moments.items():
         assert all(torch.equal(v, loaded_moments[key][n]) for n, v in slots.items()), key
-    one = checkpoint.validate_checkpoint(run / CHECKPOINT_NAME)
+    one = validate_training_checkpoint(run / CHECKPOINT_NAME)
     assert one["global_step"] == 3 and len(one["rng"]) == 1
     assert differing(one["method"], saved["method"])  # it trained a step
 
     back = _torchrun(run, "train.max_steps=4", resume=True)
     assert back.returncode == 0, back.stderr[-2000:]
     assert "step 3" in back.stderr  # resumed from the 1-process checkpoint
-    final = checkpoint.validate_checkpoint(run / CHECKPOINT_NAME)
+    final = validate_training_checkpoint(run / CHECKPOINT_NAME)
     assert final["global_step"] == 4 and len(final["rng"]) == 2
     assert differing(final["method"], one["method"])

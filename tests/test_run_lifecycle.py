@@ -30,7 +30,8 @@ from barlow.cli import main
 from barlow.config import load_config
 from barlow.methods import BarlowTwins
 from barlow.preemption import EXIT_CODE, requeue_slurm_job
-from barlow.train import CHECKPOINT_NAME, NonFiniteLossError, pretrain
+from barlow.training import CHECKPOINT_NAME, NonFiniteLossError, pretrain
+from barlow.training.state import validate_training_checkpoint
 from processes import free_port, run_group
 
 FAST = [
@@ -159,7 +160,7 @@ def test_sigusr1_saves_requeues_and_exits_143(tmp_path: Path) -> None:
     assert "SIGUSR1: saved" in err and "continue with --resume" in err
     assert "requeued SLURM job 4242" in err
     assert log.read_text().splitlines() == ["requeue 4242"]  # once, by rank 0, after the save
-    state = checkpoint.validate_checkpoint(run / CHECKPOINT_NAME)
+    state = validate_training_checkpoint(run / CHECKPOINT_NAME)
     first_logged = records(run, "train")[0]["step"]
     assert first_logged <= state["global_step"] < 20 * STEPS_PER_EPOCH
     print(f"SIGUSR1 → exit {proc.returncode} in {stop_s:.2f} s, saved step {state['global_step']}")
@@ -247,47 +248,51 @@ def test_skip_nonfinite_skips_a_nan_step_and_continues(
     assert not same(seen[1], seen[2])  # a normal step moves the weights ...
     assert same(seen[2], seen[3])  # ... the NaN step (call 3) does not
     assert not same(seen[3], seen[4])  # and training goes on
-    state = checkpoint.validate_checkpoint(tmp_path / CHECKPOINT_NAME)  # all tensors finite
+    state = validate_training_checkpoint(tmp_path / CHECKPOINT_NAME)  # all tensors finite
     assert state["global_step"] == 6
     skips = [r for r in records(tmp_path, "train") if "skipped_nonfinite" in r]
     assert [(r["step"], r["skipped_nonfinite"]) for r in skips] == [(2, 1)]
     assert "skipped a step (1/1 allowed)" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: a NaN from the data makes the loss's input check raise ValueError before "
-    "train.skip_nonfinite can skip the step, and the skipped forward has already put NaN into "
-    "BatchNorm's running statistics (fix: loss returns NaN under skip_nonfinite; restore the "
-    "method's buffers on a skipped step)",
-)
 def test_skip_nonfinite_survives_a_nan_image(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A NaN that comes from the data passes through BatchNorm, whose running statistics the
-    forward pass updates before the loss is seen: a skipped step must not leave them NaN."""
+    forward pass updates before the loss is seen: a skipped step must not leave them NaN. (The
+    loss's own input check would raise first; inside the loop the guard owns the decision.)"""
+    seen_buffers: list[dict[str, torch.Tensor]] = []
+    forward = BarlowTwins.forward
+
+    def recording(self: BarlowTwins, views: list[torch.Tensor]) -> Any:
+        seen_buffers.append({k: b.detach().clone() for k, b in self.named_buffers()})
+        return forward(self, views)
+
+    monkeypatch.setattr(BarlowTwins, "forward", recording)
     inject(monkeypatch, {3}, into="data")
     cfg = load_config("digits", [*FAST, "train.skip_nonfinite=1", "train.max_steps=6"])
     pretrain(cfg, tmp_path, progress=False)
-    state = checkpoint.validate_checkpoint(tmp_path / CHECKPOINT_NAME)  # all tensors finite
+    state = validate_training_checkpoint(tmp_path / CHECKPOINT_NAME)  # all tensors finite
     assert state["global_step"] == 6
+    # the buffers the 4th forward saw are those the 3rd (skipped) one started from
+    assert same(seen_buffers[2], seen_buffers[3]) and not same(seen_buffers[1], seen_buffers[2])
 
 
 def test_more_nonfinite_steps_than_allowed_stop_and_the_resume_is_finite(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pretrain(load_config("digits", [*FAST, "train.max_steps=2"]), tmp_path, progress=False)
-    good = checkpoint.validate_checkpoint(tmp_path / CHECKPOINT_NAME)
+    good = validate_training_checkpoint(tmp_path / CHECKPOINT_NAME)
     allow_one = load_config("digits", [*FAST, "train.skip_nonfinite=1", "train.max_steps=8"])
     # resumed at step 2: calls 2 and 4 are steps 3 and 5; the second is one too many
     inject(monkeypatch, {2, 4}, into="loss")
     with pytest.raises(NonFiniteLossError, match=r"at step 5 .*last good checkpoint: .*checkpoint"):
         pretrain(allow_one, tmp_path, resume=True, progress=False)
-    kept = checkpoint.validate_checkpoint(tmp_path / CHECKPOINT_NAME)
+    kept = validate_training_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert kept["global_step"] == 2 and same(kept["method"], good["method"])
     monkeypatch.undo()  # the cause is gone: resume from the last good checkpoint
     pretrain(allow_one, tmp_path, resume=True, progress=False)
-    assert checkpoint.validate_checkpoint(tmp_path / CHECKPOINT_NAME)["global_step"] == 8
+    assert validate_training_checkpoint(tmp_path / CHECKPOINT_NAME)["global_step"] == 8
 
 
 # R18: train.abort_on_collapse=true stops a collapsed run; the checkpoint before it stays.
@@ -306,7 +311,7 @@ def test_abort_on_collapse_stops_the_run_and_keeps_the_last_checkpoint(
     assert main(command) == 1
     err = capsys.readouterr().err
     assert "epoch 3:" in err and "collapsed for 3 consecutive checks" in err  # patience 3
-    state = checkpoint.validate_checkpoint(run / CHECKPOINT_NAME)
+    state = validate_training_checkpoint(run / CHECKPOINT_NAME)
     assert (state["epoch"], state["global_step"]) == (2, 2 * STEPS_PER_EPOCH)
     assert [r["epoch"] for r in records(run, "epoch")] == [1, 2]
 
@@ -340,7 +345,7 @@ def test_nine_images_in_batches_of_four_give_two_steps_per_epoch(
     assert "9 images" in capsys.readouterr().err
     assert [r["step"] for r in records(tmp_path / "run", "train")] == [1, 2, 3, 4]
     assert [r["epoch"] for r in records(tmp_path / "run", "epoch")] == [1, 2]
-    state = checkpoint.validate_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
+    state = validate_training_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)
     assert (state["epoch"], state["global_step"]) == (2, 4)
 
 

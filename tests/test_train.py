@@ -14,13 +14,9 @@ from barlow import checkpoint
 from barlow.config import Config, load_config
 from barlow.data import CorruptImageError
 from barlow.methods import BarlowTwins
-from barlow.train import (
-    CHECKPOINT_NAME,
-    CorruptSample,
-    NonFiniteLossError,
-    collate_dropping_corrupt,
-    pretrain,
-)
+from barlow.training import CHECKPOINT_NAME, NonFiniteLossError, pretrain
+from barlow.training.epoch_data import CorruptSample, collate_dropping_corrupt
+from barlow.training.state import validate_training_checkpoint
 
 TINY = [
     'method.projector="64-64"',
@@ -171,10 +167,10 @@ def test_resuming_after_a_non_finite_loss_does_not_re_poison(
     pretrain(tiny_config(*fast, "train.max_steps=2"), tmp_path, progress=False)
     with pytest.raises(NonFiniteLossError, match=r"at step 2 .*last good checkpoint: .*checkpoint"):
         pretrain(tiny_config(*fast, "train.max_steps=4"), tmp_path, resume=True, progress=False)
-    assert checkpoint.validate_checkpoint(tmp_path / CHECKPOINT_NAME)["global_step"] == 2
+    assert validate_training_checkpoint(tmp_path / CHECKPOINT_NAME)["global_step"] == 2
     assert not list(tmp_path.glob("checkpoint-step*0003.pt"))
     pretrain(tiny_config(*fast, "train.max_steps=4"), tmp_path, resume=True, progress=False)
-    state = checkpoint.validate_checkpoint(tmp_path / CHECKPOINT_NAME)  # every tensor finite
+    state = validate_training_checkpoint(tmp_path / CHECKPOINT_NAME)  # every tensor finite
     assert state["global_step"] == 4
 
 
@@ -236,4 +232,4 @@ def test_skip_corrupt_drops_counts_and_reports(
     err = capsys.readouterr().err
     assert "2 corrupt image(s) skipped" in err  # the epoch line
     assert "2 corrupt image read(s) skipped in this run, 2 distinct file(s)" in err
-    checkpoint.validate_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)  # it trained to the end
+    validate_training_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)  # it trained to the end

@@ -97,17 +97,6 @@ RECIPES: dict[str, tuple[ViewSpec, ...]] = {
     "barlow-gray": (_GRAY_A, _GRAY_B),
 }
 
-# --- non-contrastive recipes ---
-# BYOL's asymmetric pair (Grill et al., 2020, Table 6) is the one Barlow Twins adopted, and VICReg
-# uses it as well (Bardes et al., 2022): the same tuples under the methods' names.
-RECIPES.update(
-    {
-        f"{method}{variant}": RECIPES[f"barlow{variant}"]
-        for method in ("byol", "vicreg")
-        for variant in ("", "-small", "-gray")
-    }
-)
-
 # --- contrastive recipes ---
 # SimCLR (Chen et al., 2020, App. A): crops of 8–100 %, colour distortion of strength 1, i.e.
 # jitter (0.8, 0.8, 0.8, 0.2) with p 0.8 and grayscale p 0.2, blur with p 0.5; both views alike.
@@ -143,11 +132,6 @@ for _variant, _simclr, _moco in (
     RECIPES[f"cmc{_variant}"] = (_simclr, _simclr)
     RECIPES[f"cmc3{_variant}"] = (_simclr, _simclr, _simclr)
 RECIPES["cmc-lab"] = (_CMC_LAB,)
-
-# --- non-contrastive recipes, continued (after MoCo's) ---
-# SimSiam uses MoCo v2's symmetric views (Chen & He, 2021, App. A): the same tuples.
-for _variant in ("", "-small", "-gray"):
-    RECIPES[f"simsiam{_variant}"] = RECIPES[f"moco{_variant}"]
 
 
 def recipe_for(family: str, *, channels: int, image_size: int) -> str:

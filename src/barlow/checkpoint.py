@@ -13,40 +13,28 @@ one that loads and is complete, skipping (with a warning) files a crash or a bad
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import re
 import shutil
-import tempfile
 import uuid
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from barlow.rundir import CHECKPOINT_NAME, atomic_write, fsync_directory
+
 FORMAT_VERSION: int = 1
 
-LATEST_NAME = "checkpoint.pt"
-# What barlow.train writes into every checkpoint; a file lacking one of them cannot resume a run.
-TRAINING_KEYS: tuple[str, ...] = (
-    "format_version",
-    "barlow_version",
-    "config",
-    "epoch",
-    "global_step",
-    "method",
-    "optimizer",
-    "scaler",
-    "rng",
-)
+LATEST_NAME = CHECKPOINT_NAME  # the file name is the run directory's (rundir.py)
 _SNAPSHOT = re.compile(r"checkpoint-step(\d+)\.pt")
-# temp files of _atomic_write / _link_atomically for checkpoint.pt and snapshots
+# temp files of rundir.atomic_write / _link_atomically for checkpoint.pt and snapshots
 _CHECKPOINT_TEMP = re.compile(r"\.checkpoint[^/]*\.pt\..+\.tmp")
 _MIN_SAFE_TORCH = "2.6"  # weights_only=True could be bypassed up to 2.5.1 (CVE-2025-32434)
 
@@ -73,7 +61,7 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
     payload = {**state, "format_version": FORMAT_VERSION}
     check_plain(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda file: torch.save(payload, file))
+    atomic_write(path, lambda file: torch.save(payload, file))
 
 
 def load_checkpoint(
@@ -137,7 +125,7 @@ def check_plain(value: Any, key_path: str = "state") -> None:
 def validate_checkpoint(
     path: str | Path,
     *,
-    required_keys: tuple[str, ...] = TRAINING_KEYS,
+    required_keys: tuple[str, ...],
     map_location: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Load ``path`` (see :func:`load_checkpoint`) and check it is complete: every key of
@@ -165,9 +153,7 @@ def snapshot_name(global_step: int) -> str:
     return f"checkpoint-step{global_step:08d}.pt"
 
 
-def latest_valid_checkpoint(
-    run_dir: str | Path, *, required_keys: tuple[str, ...] = TRAINING_KEYS
-) -> Path | None:
+def latest_valid_checkpoint(run_dir: str | Path, *, required_keys: tuple[str, ...]) -> Path | None:
     """The newest checkpoint in ``run_dir`` that passes :func:`validate_checkpoint`, or None.
 
     Candidates are ``checkpoint.pt`` and the snapshots ``checkpoint-step<N>.pt``; newest means
@@ -203,9 +189,7 @@ def latest_valid_checkpoint(
     return best[1] if best is not None else None
 
 
-def retain(
-    run_dir: str | Path, *, keep_last: int, required_keys: tuple[str, ...] = TRAINING_KEYS
-) -> list[Path]:
+def retain(run_dir: str | Path, *, keep_last: int, required_keys: tuple[str, ...]) -> list[Path]:
     """Snapshot ``run_dir/checkpoint.pt`` and keep only the ``keep_last`` newest snapshots.
 
     Call it right after :func:`save_checkpoint` wrote ``checkpoint.pt``. It first validates that
@@ -235,7 +219,7 @@ def retain(
     for path in doomed:
         path.unlink(missing_ok=True)
     if doomed:
-        _fsync_directory(run_dir)
+        fsync_directory(run_dir)
     return doomed
 
 
@@ -252,14 +236,14 @@ def _link_atomically(source: Path, target: Path) -> None:
         os.link(source, temp)
     except OSError:  # no hard links here (some network and FUSE file systems): copy
         with open(source, "rb") as file:
-            _atomic_write(target, lambda out: shutil.copyfileobj(file, out))
+            atomic_write(target, lambda out: shutil.copyfileobj(file, out))
         return
     try:
         os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    _fsync_directory(target.parent)
+    fsync_directory(target.parent)
 
 
 def _tensors(value: Any, key_path: str) -> Any:
@@ -391,9 +375,9 @@ def export_backbone(state_dict: Mapping[str, Tensor], path: str | Path) -> None:
     if path.suffix == ".safetensors":
         safetensors_torch = _import_safetensors()
         data = safetensors_torch.save(tensors, metadata={"format": "pt"})
-        _atomic_write(path, lambda file: file.write(data))
+        atomic_write(path, lambda file: file.write(data))
     else:
-        _atomic_write(path, lambda file: torch.save(tensors, file))
+        atomic_write(path, lambda file: torch.save(tensors, file))
 
 
 def load_exported_backbone(path: str | Path) -> dict[str, Tensor]:
@@ -446,48 +430,6 @@ def _require_file(path: Path) -> None:
         raise FileNotFoundError(f"no such checkpoint: {path}")
     if not path.is_file():
         raise ValueError(f"{path} is not a file; pass the checkpoint file, e.g. {path}/last.pt")
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
-    """Write via a same-directory temp file, fsync, rename over ``path``, fsync the directory."""
-    temp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, kept on success)
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-    )
-    try:
-        with temp:
-            write(temp)
-            temp.flush()
-            os.fsync(temp.fileno())
-        # NamedTemporaryFile is 0600; give the checkpoint the mode a plain open() would
-        os.chmod(temp.name, 0o666 & ~_umask())
-        os.replace(temp.name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp.name)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # makes the rename itself durable; directories cannot be opened this way on Windows
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    # /proc avoids os.umask's set-and-restore, which races with threads creating files
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        with open("/proc/self/status") as status:
-            line = next(line for line in status if line.startswith("Umask:"))
-        return int(line.split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _import_safetensors() -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import re
 import sys
 from collections.abc import Sequence
@@ -15,7 +14,7 @@ from barlow import __version__
 
 def _pretrain(args: argparse.Namespace) -> int:
     from barlow.config import apply_overrides, from_dict, read_recipe
-    from barlow.train import pretrain
+    from barlow.training import pretrain
 
     overrides = list(args.set)
     if args.data is not None:
@@ -52,7 +51,7 @@ def _quoted(value: str) -> str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from barlow.report import run_knn, run_linear
+    from barlow.assessment import run_knn, run_linear
 
     if args.command == "knn":
         run_knn(args.checkpoint, dataset=args.data, root=args.data_root, overrides=args.set)
@@ -68,13 +67,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _methods(args: argparse.Namespace) -> int:
-    from barlow.methods import METHODS
+    from barlow.methods import METHODS, method_parameters
 
     for name, cls in METHODS.items():
-        params = inspect.signature(cls.__init__).parameters
-        defaults = ", ".join(
-            f"{k}={p.default!r}" for k, p in params.items() if k not in ("self", "backbone")
-        )
+        defaults = ", ".join(f"{k}={p.default!r}" for k, p in method_parameters(name).items())
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         print(f"{name}: {doc}\n  views {cls.views!r} ×{cls.num_views}; {defaults}")
     return 0
@@ -168,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import torch  # already loaded by barlow.train below
+    import torch  # already loaded by barlow.training below
 
     # Denormal floats cost x86 CPUs slow microcode (compute.flush_denormals). The flag is per
     # thread and the intra-op pool's threads copy it when they are created, so it is set here,
@@ -177,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from barlow.health import CollapseError
     from barlow.preemption import Preempted
-    from barlow.train import NonFiniteLossError
+    from barlow.training import NonFiniteLossError
 
     try:
         result: Any = args.func(args)

@@ -10,6 +10,7 @@ plain loop: bench/results/step_cpu.md.
 from __future__ import annotations
 
 import contextlib
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from barlow.config import PrecisionName
+
+PRECISIONS: tuple[str, ...] = typing.get_args(PrecisionName)
 
 
 def cpu_has_native_bf16() -> bool:

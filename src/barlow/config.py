@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import inspect
 import math
 import tomllib
 import types
@@ -18,10 +17,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from barlow.methods.base import Method
+
+# The enumerated settings: the type is the one check (``_coerce`` names the choices).
+OptimizerName = Literal["lars", "sgd", "adamw"]
+PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 where native, else fp32
+AugmentOn = Literal["workers", "device"]
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,7 @@ class DataConfig:
     # Where the views are drawn: "workers" per sample with torchvision in the DataLoader, or
     # "device": whole uint8 batches at once on the training device (batched_views; datasets held
     # in memory: digits, fashion-mnist, cifar10/100, stl10).
-    augment_on: str = "workers"
+    augment_on: AugmentOn = "workers"
     # An image that cannot be decoded stops the run with an error naming the file; true drops it
     # from its batch instead, counted and reported every epoch (`barlow pretrain --skip-corrupt`).
     skip_corrupt: bool = False
@@ -55,7 +59,7 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "lars"  # lars|sgd|adamw
+    name: OptimizerName = "lars"
     lr: float = 0.2  # learning rate for weights per 256 images (scaled by batch_size / 256)
     bias_lr: float | None = None  # for biases and norm layers, per 256 images; None: same as lr
     weight_decay: float = 1.5e-6
@@ -69,7 +73,7 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 100
     batch_size: int = 256  # global: split over processes, which must divide it
-    precision: str = "auto"  # auto (bf16 where native: GPU, AVX512-BF16/AMX CPU)|fp32|bf16|fp16
+    precision: PrecisionName = "auto"  # auto: bf16 where native (GPU, AVX512-BF16/AMX CPU)
     seed: int = 0
     device: str = "auto"  # auto|cpu|cuda|cuda:N
     log_every: int = 20  # steps between JSON-lines records
@@ -127,20 +131,9 @@ def _closest(name: str, choices: Iterable[str]) -> str:
 
 
 def _method_class(name: str) -> type[Method]:
-    from barlow.methods import METHODS  # late import: config must not pull in torch models
+    from barlow.methods import method_class  # late import: config must not pull in torch models
 
-    if name not in METHODS:
-        raise ValueError(
-            f"unknown method {name!r}{_closest(name, METHODS)} (valid: {', '.join(METHODS)})"
-        )
-    return METHODS[name]
-
-
-def method_parameters(name: str) -> dict[str, inspect.Parameter]:
-    """The legal ``[method]`` keys: keyword arguments of the method class after ``backbone``."""
-    # signature of the class, not of __init__: binds self, and mypy accepts it
-    params = inspect.signature(_method_class(name)).parameters
-    return {k: p for k, p in params.items() if k != "backbone"}
+    return method_class(name)
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -214,19 +207,11 @@ def _check_ranges(cfg: Config) -> None:
             0 <= cfg.optim.final_lr_ratio <= 1,
             f"optim.final_lr_ratio must be in [0, 1], got {cfg.optim.final_lr_ratio}",
         ),
-        (
-            cfg.optim.name in ("lars", "sgd", "adamw"),
-            f"optim.name must be lars, sgd or adamw, got {cfg.optim.name!r}",
-        ),
         (cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}"),
         (
             cfg.train.batch_size >= 2,
             "train.batch_size must be >= 2 (the loss standardises along the batch), "
             f"got {cfg.train.batch_size}",
-        ),
-        (
-            cfg.train.precision in ("auto", "fp32", "bf16", "fp16"),
-            f"train.precision must be auto, fp32, bf16 or fp16, got {cfg.train.precision!r}",
         ),
         (cfg.train.log_every >= 1, f"train.log_every must be >= 1, got {cfg.train.log_every}"),
         (
@@ -236,10 +221,6 @@ def _check_ranges(cfg: Config) -> None:
         (
             cfg.train.max_steps is None or cfg.train.max_steps >= 1,
             f"train.max_steps must be >= 1, got {cfg.train.max_steps}",
-        ),
-        (
-            cfg.data.augment_on in ("workers", "device"),
-            f"data.augment_on must be workers or device, got {cfg.data.augment_on!r}",
         ),
         (cfg.train.keep_last >= 0, f"train.keep_last must be >= 0, got {cfg.train.keep_last}"),
         (
@@ -301,6 +282,8 @@ def _check_names(cfg: Config) -> None:
 
 
 def _validate_method(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    from barlow.methods import method_parameters
+
     legal = method_parameters(name)
     checked: dict[str, Any] = {}
     method_cls = _method_class(name)

@@ -18,13 +18,12 @@ import gzip
 import hashlib
 import os
 import tarfile
-import tempfile
 import urllib.request
 import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import numpy as np
 import torch
@@ -35,6 +34,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+
+from barlow.rundir import atomic_write
 
 Split = Literal["train", "test", "unlabeled"]
 SPLITS: tuple[str, ...] = ("train", "test", "unlabeled")
@@ -251,34 +252,28 @@ def download_file(url: str, dest: str | Path, *, sha256: str) -> Path:
                 "file is corrupt, truncated or not the published one; delete it and download again"
             )
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    temp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, renamed on success)
-        dir=dest.parent, prefix=f".{dest.name}.", suffix=".part", delete=False
-    )
-    try:
+
+    def stream(file: IO[bytes]) -> None:
         digest = hashlib.sha256()
         request = urllib.request.Request(url, headers={"User-Agent": "barlow"})
-        with temp:
-            try:
-                with urllib.request.urlopen(request, timeout=60) as response:
-                    while chunk := response.read(1 << 20):
-                        digest.update(chunk)
-                        temp.write(chunk)
-            except OSError as e:  # URLError, timeouts, connection resets
-                raise ConnectionError(
-                    f"cannot download {url}: {e}; check the network, or fetch the file by hand "
-                    f"into {dest.parent} (SHA-256 {expected})"
-                ) from e
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                while chunk := response.read(1 << 20):
+                    digest.update(chunk)
+                    file.write(chunk)
+        except OSError as e:  # URLError, timeouts, connection resets
+            raise ConnectionError(
+                f"cannot download {url}: {e}; check the network, or fetch the file by hand "
+                f"into {dest.parent} (SHA-256 {expected})"
+            ) from e
         actual = digest.hexdigest()
-        if actual != expected:
+        if actual != expected:  # raised inside the write: the temp file is deleted
             raise ValueError(
                 f"download of {url} has SHA-256 {actual}, not the expected {expected}: corrupt "
                 "or tampered with, so it was deleted; try again later or from another network"
             )
-        os.replace(temp.name, dest)
-    except BaseException:
-        Path(temp.name).unlink(missing_ok=True)
-        raise
+
+    atomic_write(dest, stream, suffix=".part")
     return dest
 
 

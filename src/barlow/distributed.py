@@ -81,12 +81,6 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> torc
     return device
 
 
-def shutdown() -> None:
-    """Destroy the default process group if there is one."""
-    if is_distributed():
-        dist.destroy_process_group()
-
-
 def barrier() -> None:
     """Wait until every process arrives here; no-op when not distributed."""
     if is_distributed():

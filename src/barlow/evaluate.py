@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
 from contextlib import contextmanager
@@ -34,6 +32,7 @@ from tqdm import tqdm
 
 from barlow.logbook import console
 from barlow.optim import scaled_lr, set_learning_rate, warmup_cosine
+from barlow.rundir import atomic_write_text
 
 T = TypeVar("T")
 
@@ -594,23 +593,12 @@ def write_metrics(path: Path, metrics: Mapping[str, Any]) -> None:
 
     Top-level keys of ``metrics`` replace those in the file (a re-run of ``knn`` replaces the
     old ``knn`` entry whole); other keys are kept. Tensors and numpy scalars become numbers,
-    NaN/Inf become strings, so the file stays valid JSON. Written to a temp file in the same
-    directory, then ``os.replace``: a reader never sees half a file.
+    NaN/Inf become strings, so the file stays valid JSON. Written atomically
+    (``rundir.atomic_write``): a reader never sees half a file.
     """
     path = Path(path)
     merged = {**_read_metrics(path), **_jsonable(dict(metrics))}
-    text = json.dumps(merged, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def _read_metrics(path: Path) -> dict[str, Any]:

@@ -21,13 +21,16 @@ Usage::
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable, Iterable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-OPTIMIZERS = ("lars", "sgd", "adamw")
+from barlow.config import OptimizerName
+
+OPTIMIZERS: tuple[str, ...] = typing.get_args(OptimizerName)
 
 
 def _is_bias_or_norm(p: Tensor) -> bool:
@@ -182,7 +185,7 @@ _FUSED_DEVICES = ("cuda", "cpu")  # where torch.optim.SGD / AdamW(fused=True) ru
 
 
 def build_optimizer(
-    name: Literal["lars", "sgd", "adamw"],
+    name: OptimizerName,
     model: nn.Module,
     *,
     lr: float,

@@ -43,6 +43,17 @@ class Method(nn.Module):
     def after_step(self, progress: float) -> None:
         """Hook run after each optimizer step (EMA / queue updates); progress ∈ [0, 1]."""
 
+    def largest_loss_matrix(self, global_batch: int, world: int) -> tuple[str, tuple[int, int]]:
+        """The biggest matrix this method's loss builds on each process, and its name (memory
+        preflight). N = ``global_batch`` (the losses gather it), N_local = N / ``world``. This
+        default: the N_local×D embeddings, D the projector's output width."""
+        return "N_local×D embeddings", (global_batch // world, self.embedding_dim())
+
+    def embedding_dim(self) -> int:
+        """D: the output width of the projector (the last Linear layer's)."""
+        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
+        return linears[-1].out_features if linears else 0
+
     def _check_views(self, views: Sequence[Tensor]) -> None:
         if len(views) != self.num_views:
             raise ValueError(

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from barlow.heads import ema_update, mlp, momentum_schedule, parse_spec
+from barlow.heads import mlp, parse_spec
 from barlow.health import normalized_std
 from barlow.losses import normalized_mse
 from barlow.methods.base import Method, StepOutput
+from barlow.methods.momentum import ema_update, momentum_schedule
 
 
 class BYOL(Method):
@@ -32,7 +33,8 @@ class BYOL(Method):
     of ẑ1, averaged over dimensions: about 1/√D while healthy, 0 on collapse; this rank's batch).
     """
 
-    views = "byol"
+    # BYOL's asymmetric pair (Grill et al., 2020, Table 6) is the one Barlow Twins adopted
+    views = "barlow"
     momentum: Tensor
 
     def __init__(

@@ -150,6 +150,10 @@ class CMC(Method):
         heads = 2 if split == "lab" else 1
         self.projectors = nn.ModuleList(mlp(num_features, projector) for _ in range(heads))
 
+    def largest_loss_matrix(self, global_batch: int, world: int) -> tuple[str, tuple[int, int]]:
+        """N_local anchors scored against the N samples of the global batch."""
+        return "N_local×N logits", (global_batch // world, global_batch)
+
     def forward(self, views: Sequence[Tensor]) -> StepOutput:
         self._check_views(views)
         x = torch.cat(list(views))  # one pass per encoder for all views

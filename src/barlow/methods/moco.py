@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from barlow import distributed
-from barlow.heads import ema_update, mlp, parse_spec
+from barlow.heads import mlp, parse_spec
 from barlow.losses import info_nce_loss
 from barlow.methods.base import Method, StepOutput
+from barlow.methods.momentum import ema_update
 
 
 class MoCo(Method):
@@ -79,6 +80,10 @@ class MoCo(Method):
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._pending_keys: Tensor | None = None  # this step's gathered keys, for after_step
+
+    def largest_loss_matrix(self, global_batch: int, world: int) -> tuple[str, tuple[int, int]]:
+        """N_local queries scored against their key and the K queued keys."""
+        return "N_local×(1+K) logits", (global_batch // world, 1 + len(self.queue))
 
     def forward(self, views: Sequence[Tensor]) -> StepOutput:
         self._check_views(views)

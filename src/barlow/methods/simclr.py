@@ -46,6 +46,10 @@ class SimCLR(Method):
         self.projector = mlp(num_features, projector)
         self.temperature = temperature
 
+    def largest_loss_matrix(self, global_batch: int, world: int) -> tuple[str, tuple[int, int]]:
+        """2·N_local anchors scored against the 2N views of the global batch."""
+        return "2N_local×2N similarities", (2 * (global_batch // world), 2 * global_batch)
+
     def forward(self, views: Sequence[Tensor]) -> StepOutput:
         self._check_views(views)
         z1, z2 = self.projector(self.backbone(torch.cat(list(views)))).chunk(2)

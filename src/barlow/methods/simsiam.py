@@ -31,7 +31,7 @@ class SimSiam(Method):
     has no per-module schedules.
     """
 
-    views = "simsiam"
+    views = "moco"  # MoCo v2's symmetric views (Chen & He, 2021, App. A)
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from barlow.heads import mlp
-from barlow.losses import vicreg_loss
+from barlow.losses import choose_path, vicreg_loss
 from barlow.methods.base import Method, StepOutput
 
 
@@ -26,7 +26,7 @@ class VICReg(Method):
     ``z_std``, the mean per-dimension std of z1 on this rank's batch (0 on collapse).
     """
 
-    views = "vicreg"
+    views = "barlow"  # VICReg uses BYOL's pair, Barlow Twins' recipe (Bardes et al., 2022)
 
     def __init__(
         self,
@@ -50,6 +50,14 @@ class VICReg(Method):
         self.projector = mlp(num_features, projector)
         self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
         self.loss_path: Literal["auto", "correlation", "gram"] = loss_path
+
+    def largest_loss_matrix(self, global_batch: int, world: int) -> tuple[str, tuple[int, int]]:
+        """The D×D covariance or the N×N Gram matrices, as the loss's path chooses."""
+        d = self.embedding_dim()
+        path = choose_path(global_batch, d) if self.loss_path == "auto" else self.loss_path
+        if path == "correlation":
+            return "D×D matrix (correlation path)", (d, d)
+        return "N×N Gram matrix", (global_batch, global_batch)
 
     def forward(self, views: Sequence[Tensor]) -> StepOutput:
         self._check_views(views)

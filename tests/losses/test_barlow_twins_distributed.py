@@ -21,8 +21,9 @@ from barlow.losses import (
     barlow_loss_cost,
     barlow_twins_loss,
     choose_path,
+    finite_checks_by_caller,
 )
-from processes import join_as_rank, save_rank_result, spawn_ranks
+from processes import join_as_rank, leave_process_group, save_rank_result, spawn_ranks
 from test_distributed import max_rel_err, rel_err
 
 WORLD_SIZE = 2
@@ -144,6 +145,9 @@ def checks_in_worker(rank: int) -> dict[str, Any]:
     bad[even_rows(1)[0], 3] = float("nan")  # on rank 1's rows only
     for path in (*DISTRIBUTED_PATHS, "auto"):
         results[f"nan/{path}"] = error_of(lambda p=path: embedding_run(p, even_rows(rank), z1, bad))
+    with finite_checks_by_caller():  # the caller checks the loss: no error, a NaN loss
+        for path in (*DISTRIBUTED_PATHS, "auto"):
+            results[f"caller/{path}"] = embedding_run(path, even_rows(rank), z1, bad)["loss"]
 
     # Negative controls: the same comparisons must notice a sum whose backward is local only,
     # and standardisation / C from this rank's rows alone.
@@ -161,7 +165,7 @@ def checks_in_worker(rank: int) -> dict[str, Any]:
     summed = distributed.all_reduce_with_grad(x)
     (summed * (torch.arange(6.0).view(2, 3) * (rank + 1))).sum().backward()
     results["reduce/value"], results["reduce/grad"] = summed.detach(), x.grad
-    distributed.shutdown()
+    leave_process_group()
     return results
 
 
@@ -244,6 +248,14 @@ def test_every_rank_raises_together(ranks: list[dict[str, Any]]) -> None:
         for path in (*DISTRIBUTED_PATHS, "auto"):
             # The NaN is on rank 1's rows only; rank 0 must raise too, or rank 1 would hang.
             assert result[f"nan/{path}"].startswith("z2 contains NaN or Inf")
+
+
+def test_inside_finite_checks_by_caller_every_rank_gets_a_non_finite_loss(
+    ranks: list[dict[str, Any]],
+) -> None:
+    for result in ranks:
+        for path in (*DISTRIBUTED_PATHS, "auto"):
+            assert not torch.isfinite(result[f"caller/{path}"]), path
 
 
 @pytest.mark.parametrize("broken", ["local_grad", "no_reduce"])

@@ -1,11 +1,14 @@
-"""Judging an encoder: features of the plain (unaugmented) images, kNN, linear probe, baselines.
+"""Assessing an encoder on a labelled dataset: the evaluation data of a config, kNN and linear
+probe of an encoder, the baselines, and the ``knn`` / ``linear`` commands.
 
-The glue between datasets (``data``), preprocessing (``augment``) and the evaluation maths
-(``evaluate``), shared by the end of pretraining and the ``knn`` / ``linear`` commands.
+The glue between a config, datasets (``data``), preprocessing (``augment``) and the maths of
+judging features (``evaluate``: kNN, probes, the paper's protocol). Used by pretraining (online
+kNN each epoch, the final evaluation) and by the commands that read a checkpoint.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 from barlow import data, evaluate
 from barlow.augment import EvalPreprocess, LinearEvalAugment, eval_sample_transform
 from barlow.config import Config, EvalConfig, apply_overrides, from_dict
-from barlow.methods import Method, create_method
+from barlow.encoder import build_method, crop_size
+from barlow.logbook import console
+from barlow.methods import Method
 
 
 class _Transformed(Dataset[tuple[Tensor, int]]):
@@ -101,6 +106,20 @@ class EvalData:
             train, test, EvalPreprocess(size, info.mean, info.std), size, num_classes, num_workers
         )
 
+    @classmethod
+    def from_config(
+        cls, cfg: Config, *, dataset: str | None = None, root: str | None = None
+    ) -> EvalData:
+        """The labelled splits of ``dataset`` (default: the run's own, at ``data.root``) at the
+        run's crop size."""
+        return cls.build(
+            dataset or cfg.data.dataset,
+            root=root if dataset else (root or cfg.data.root),
+            download=cfg.data.download,
+            crop_size=crop_size(cfg),
+            num_workers=cfg.data.num_workers,
+        )
+
     def batches(self, split: str, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         """(uint8 images, labels) batches in dataset order."""
         dataset = self.train if split == "train" else self.test
@@ -131,6 +150,16 @@ class EvalData:
             preprocess=self.preprocess,
             progress=f"features ({split})" if progress else False,
         )
+
+    def feature_pair(
+        self, encoder: nn.Module, *, device: torch.device, batch_size: int, progress: bool
+    ) -> tuple[evaluate.Features, evaluate.Features]:
+        """The encoder's features of the train and of the test split."""
+        train, test = (
+            self.features(encoder, split, device=device, batch_size=batch_size, progress=progress)
+            for split in ("train", "test")
+        )
+        return train, test
 
     def pixels(self, split: str) -> evaluate.Features:
         """Raw normalised pixels as features (the no-learning baseline)."""
@@ -166,11 +195,9 @@ def evaluate_encoder(
     progress: bool = False,
     seed: int = 0,
 ) -> dict[str, float]:
-    train = eval_data.features(
-        encoder, "train", device=device, batch_size=cfg.batch_size, progress=progress
-    )
-    test = eval_data.features(
-        encoder, "test", device=device, batch_size=cfg.batch_size, progress=progress
+    """kNN and linear-probe top-1 of ``encoder``'s frozen features."""
+    train, test = eval_data.feature_pair(
+        encoder, device=device, batch_size=cfg.batch_size, progress=progress
     )
     return knn_and_probe(train, test, cfg, num_classes=eval_data.num_classes, seed=seed)
 
@@ -188,6 +215,61 @@ def results_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def online_knn(
+    encoder: nn.Module, eval_data: EvalData, cfg: Config, device: torch.device
+) -> dict[str, float]:
+    """kNN top-1 of the current encoder on the labelled splits (the per-epoch monitor)."""
+    start = time.perf_counter()
+    train, test = eval_data.feature_pair(
+        encoder, device=device, batch_size=cfg.eval.batch_size, progress=False
+    )
+    top1 = evaluate.knn_accuracy(
+        train,
+        test,
+        k=cfg.eval.knn_k,
+        temperature=cfg.eval.knn_temperature,
+        num_classes=eval_data.num_classes,
+    )
+    return {"knn_top1": top1, "knn_time_s": time.perf_counter() - start}
+
+
+def final_evaluation(
+    method: Method, cfg: Config, *, device: torch.device, progress: bool
+) -> dict[str, Any]:
+    """kNN + linear probe of the pretrained encoder, and of the baselines when asked (a random
+    initialisation of the same encoder, and the raw pixels where they are few enough)."""
+    try:
+        eval_data = EvalData.from_config(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        console(f"skipping the final evaluation: {exc}")
+        return {}
+    start, seed = time.perf_counter(), cfg.train.seed
+
+    def judge(encoder: nn.Module) -> dict[str, float]:
+        return evaluate_encoder(
+            encoder, eval_data, cfg.eval, device=device, progress=progress, seed=seed
+        )
+
+    rows = {"pretrained": judge(method.backbone)}
+    if cfg.eval.baselines:
+        torch.manual_seed(seed)
+        rows["random init"] = judge(build_method(cfg).backbone.to(device))
+        info = data.dataset_info(cfg.data.dataset)
+        if info.channels * crop_size(cfg) ** 2 <= MAX_PIXEL_FEATURES:
+            rows["raw pixels"] = knn_and_probe(
+                eval_data.pixels("train"),
+                eval_data.pixels("test"),
+                cfg.eval,
+                num_classes=eval_data.num_classes,
+                seed=seed,
+            )
+    console(
+        f"evaluation ({time.perf_counter() - start:.0f} s), {cfg.data.dataset} test split:\n"
+        + results_table(rows)
+    )
+    return {"evaluation": rows}
+
+
 def load_pretrained(path: str | Path) -> tuple[Method, Config, dict[str, Any]]:
     """Rebuild the method saved in a ``barlow pretrain`` checkpoint (strict key check)."""
     from barlow import checkpoint
@@ -197,9 +279,7 @@ def load_pretrained(path: str | Path) -> tuple[Method, Config, dict[str, Any]]:
         if key not in state:
             raise ValueError(f"{path} is not a barlow pretraining checkpoint (no {key!r} entry)")
     cfg = from_dict(state["config"])
-    info = data.dataset_info(cfg.data.dataset)
-    crop = cfg.data.crop_size or info.image_size
-    method = create_method(cfg, in_channels=info.channels, image_size=crop)
+    method = build_method(cfg)
     missing, unexpected = method.load_state_dict(state["method"], strict=False)
     if missing or unexpected:
         raise ValueError(
@@ -215,15 +295,7 @@ def _eval_setup(
     method, cfg, _ = load_pretrained(path)
     if overrides:
         cfg = from_dict(apply_overrides(cfg.to_dict(), overrides))
-    info = data.dataset_info(cfg.data.dataset)
-    crop = cfg.data.crop_size or info.image_size
-    eval_data = EvalData.build(
-        dataset or cfg.data.dataset,
-        root=root if dataset else (root or cfg.data.root),
-        download=cfg.data.download,
-        crop_size=crop,
-        num_workers=cfg.data.num_workers,
-    )
+    eval_data = EvalData.from_config(cfg, dataset=dataset, root=root)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return method.to(device), cfg, eval_data, device
 
@@ -237,11 +309,8 @@ def run_knn(
 ) -> dict[str, float]:
     """`barlow knn`: weighted kNN accuracy, printed and merged into the run's metrics.json."""
     method, cfg, eval_data, device = _eval_setup(path, dataset, root, overrides)
-    train = eval_data.features(
-        method.backbone, "train", device=device, batch_size=cfg.eval.batch_size, progress=True
-    )
-    test = eval_data.features(
-        method.backbone, "test", device=device, batch_size=cfg.eval.batch_size, progress=True
+    train, test = eval_data.feature_pair(
+        method.backbone, device=device, batch_size=cfg.eval.batch_size, progress=True
     )
     acc = evaluate.knn_accuracy(
         train,
@@ -268,11 +337,8 @@ def run_linear(
     method, cfg, eval_data, device = _eval_setup(path, dataset, root, overrides)
     backbone = method.backbone
     if protocol == "probe":
-        train = eval_data.features(
-            backbone, "train", device=device, batch_size=cfg.eval.batch_size, progress=True
-        )
-        test = eval_data.features(
-            backbone, "test", device=device, batch_size=cfg.eval.batch_size, progress=True
+        train, test = eval_data.feature_pair(
+            backbone, device=device, batch_size=cfg.eval.batch_size, progress=True
         )
         result = evaluate.linear_probe(
             train, test, epochs=cfg.eval.probe_epochs, seed=cfg.train.seed

@@ -1,5 +1,5 @@
-"""barlow.losses: both computation paths against the formula written out plainly, properties,
-precision, gradients and input validation."""
+"""barlow.losses.barlow_twins in one process: both computation paths against the formula written
+out plainly, properties, precision, gradients and input validation."""
 
 from __future__ import annotations
 

@@ -1,0 +1,22 @@
+"""The encoder a config describes: the method around a fresh backbone, fit to the dataset."""
+
+from __future__ import annotations
+
+from barlow import data
+from barlow.backbones import create_backbone
+from barlow.config import Config
+from barlow.methods import Method, create_method
+
+
+def crop_size(cfg: Config) -> int:
+    """The side of the images the encoder sees: ``data.crop_size``, else the dataset's size."""
+    return cfg.data.crop_size or data.dataset_info(cfg.data.dataset).image_size
+
+
+def build_method(cfg: Config) -> Method:
+    """``cfg.method`` around a fresh ``cfg.model`` backbone with the dataset's channels
+    (``small_images`` auto: images ≤ 64 px get the 3×3 stem without max-pool)."""
+    info, crop = data.dataset_info(cfg.data.dataset), crop_size(cfg)
+    small = cfg.model.small_images if cfg.model.small_images is not None else crop <= 64
+    backbone = create_backbone(cfg.model.backbone, in_channels=info.channels, small_images=small)
+    return create_method(cfg.method.name, cfg.method.params, backbone)

@@ -1,0 +1,125 @@
+"""A run directory's file names, and the one atomic write every file barlow writes goes through.
+
+A run directory (``barlow pretrain --out DIR``) holds:
+
+    config.json            the resolved config, the command line and the barlow version
+    metrics.jsonl          a JSON line per logged step and per epoch
+    metrics.json           final results (evaluation, ``barlow knn`` / ``linear``), merged
+    checkpoint.pt          the latest training checkpoint (``checkpoint-step<N>.pt``: snapshots)
+    backbone.safetensors   the pretrained backbone's weights alone
+    tensorboard/           TensorBoard event files
+
+Atomic write: bytes go to a temporary file in the same directory, are flushed and fsynced, and
+the file is renamed over the target (then the directory is fsynced), so a crash, a full disk or
+an exception in the writer leaves the previous file byte-identical and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+CONFIG_NAME = "config.json"
+METRICS_LOG_NAME = "metrics.jsonl"
+METRICS_NAME = "metrics.json"
+CHECKPOINT_NAME = "checkpoint.pt"
+BACKBONE_NAME = "backbone.safetensors"
+TENSORBOARD_NAME = "tensorboard"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory (nothing is created until something is written)."""
+
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / CONFIG_NAME
+
+    @property
+    def metrics_log(self) -> Path:
+        return self.path / METRICS_LOG_NAME
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_NAME
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / CHECKPOINT_NAME
+
+    @property
+    def backbone(self) -> Path:
+        return self.path / BACKBONE_NAME
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / TENSORBOARD_NAME
+
+    def holds_a_run(self) -> bool:
+        """Whether a run already wrote here (its config or a checkpoint)."""
+        return self.checkpoint.exists() or self.config.exists()
+
+    def write_config(self, record: Mapping[str, Any]) -> None:
+        """``config.json``, atomically (a reader never sees half of it)."""
+        atomic_write_text(self.config, json.dumps(record, indent=2) + "\n")
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object], *, suffix: str = ".tmp") -> None:
+    """Write ``path`` through ``write(file)`` via a same-directory temp file, fsync, rename.
+
+    An exception in ``write`` (or a failed rename) deletes the temp file and leaves ``path`` as
+    it was. The new file gets the mode a plain ``open()`` would give it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed below, kept on success)
+        dir=path.parent, prefix=f".{path.name}.", suffix=suffix, delete=False
+    )
+    try:
+        with temp:
+            write(temp)
+            temp.flush()
+            os.fsync(temp.fileno())
+        # NamedTemporaryFile is 0600; give the file the mode a plain open() would
+        os.chmod(temp.name, 0o666 & ~_umask())
+        os.replace(temp.name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp.name)
+        raise
+    fsync_directory(path.parent)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """:func:`atomic_write` of UTF-8 text."""
+    atomic_write(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or unlink in ``directory`` durable (no-op where directories cannot be
+    opened, as on Windows)."""
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    # /proc avoids os.umask's set-and-restore, which races with threads creating files
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as status:
+            line = next(line for line in status if line.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,183 @@
+"""``pretrain(cfg, out)``: self-supervised pretraining, from a config to a run directory."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from barlow import __version__, checkpoint, distributed
+from barlow.assessment import EvalData, final_evaluation, online_knn
+from barlow.compute import flush_denormals
+from barlow.config import Config
+from barlow.evaluate import write_metrics
+from barlow.health import embedding_health
+from barlow.logbook import Logbook, Progress, console
+from barlow.methods import Method
+from barlow.preemption import PreemptionSignals
+from barlow.rundir import RunDir
+from barlow.training import resume as resuming
+from barlow.training.guard import StepGuard
+from barlow.training.loop import EpochMonitor, TrainingLoop
+from barlow.training.memory import MemoryEstimate, oom_message
+from barlow.training.setup import build_pretraining_run, init_device
+from barlow.training.state import TrainState
+
+
+def pretrain(
+    cfg: Config,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    argv: Sequence[str] | None = None,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Pretrain an encoder with ``cfg.method`` and write everything under ``out_dir``.
+
+    Writes ``config.json``, ``metrics.jsonl`` (a record per logged step and per epoch),
+    ``tensorboard/``, ``checkpoint.pt`` (atomically, every ``checkpoint_every`` epochs and at the
+    end), ``backbone.safetensors`` and, when the data is labelled, ``metrics.json`` with the final
+    kNN / linear accuracy. Returns the final metrics.
+    """
+    run_dir, device = RunDir(Path(out_dir)), init_device(cfg)
+    main = distributed.is_main_process()
+    point = resuming.find_resume_point(run_dir, cfg, resume=resume, overwrite=overwrite)
+    run, estimate = build_pretraining_run(cfg, device, point, run_dir)
+    state = TrainState()
+    if point is not None and not point.weights_only:
+        state = TrainState.from_checkpoint(
+            point.state,
+            module=run.module,
+            optimizer=run.optimizer,
+            scaler=run.scaler,
+            steps_per_epoch=run.steps_per_epoch,
+        )
+        if main:
+            where = f", batch {state.step_in_epoch}" if state.step_in_epoch else ""
+            console(
+                f"resumed from {point.path} at epoch {state.epoch + 1}{where}, "
+                f"step {state.global_step}"
+            )
+        if finished(cfg, state):  # re-running a finished run is a no-op
+            return already_finished(run_dir, state)
+    if main:
+        run_dir.write_config(
+            {"config": cfg.to_dict(), "argv": list(argv or sys.argv), "version": __version__}
+        )
+    show = main and (progress if progress is not None else True)
+    signals = PreemptionSignals()
+    logbook = Logbook(run_dir.path, enabled=main)
+    with signals, contextlib.closing(logbook), flush_denormals(device):
+        guard = StepGuard.from_config(cfg, device=device, signals=signals)
+        loop = TrainingLoop(
+            run,
+            run_dir,
+            state,
+            guard=guard,
+            logbook=logbook,
+            progress=Progress(enabled=show),
+            monitors=pretraining_monitors(run.module, cfg, device),  # type: ignore[arg-type]
+            last_saved=None if point is None or point.weights_only else str(point.path),
+        )
+        epoch_metrics = fit_with_memory_advice(loop, estimate)
+    results = {"pretrain": epoch_metrics, **corrupt_report(guard)}
+    if main:
+        export_and_evaluate(run.module, cfg, run_dir, results, device=device, progress=show)  # type: ignore[arg-type]
+    distributed.barrier()
+    return results
+
+
+def finished(cfg: Config, state: TrainState) -> bool:
+    """Whether a run at ``state`` has nothing left to train."""
+    max_steps = cfg.train.max_steps
+    return state.epoch >= cfg.train.epochs or (
+        max_steps is not None and state.global_step >= max_steps
+    )
+
+
+def already_finished(run_dir: RunDir, state: TrainState) -> dict[str, Any]:
+    """A re-run of a finished run: no step, no log, no file rewritten; its saved results."""
+    if distributed.is_main_process():
+        console(f"{run_dir.path} already finished at step {state.global_step}: nothing to do")
+    distributed.barrier()
+    saved = run_dir.metrics
+    return dict(json.loads(saved.read_text())) if saved.is_file() else {}
+
+
+def pretraining_monitors(method: Method, cfg: Config, device: torch.device) -> list[EpochMonitor]:
+    """Each epoch: the collapse statistics of the last batch's features; every
+    ``eval.online_knn_every`` epochs and at the last, the kNN accuracy (main process)."""
+
+    def health(epoch: int, is_last: bool, views: Any) -> dict[str, Any]:
+        was_training = method.training
+        method.eval()
+        with torch.no_grad():
+            features = method.embed(views[0]).float()
+        method.train(was_training)
+        return dict(embedding_health(features))
+
+    monitors: list[EpochMonitor] = [health]
+    every = cfg.eval.online_knn_every
+    if not (distributed.is_main_process() and every):
+        return monitors
+    try:
+        eval_data = EvalData.from_config(cfg)
+    except (FileNotFoundError, ValueError) as exc:
+        console(f"no online kNN: {exc}")
+        return monitors
+
+    def knn(epoch: int, is_last: bool, views: Any) -> dict[str, Any]:
+        if (epoch + 1) % every and not is_last:
+            return {}
+        return dict(online_knn(method.backbone, eval_data, cfg, device))
+
+    return [*monitors, knn]
+
+
+def fit_with_memory_advice(loop: TrainingLoop, estimate: MemoryEstimate) -> dict[str, Any]:
+    """``loop.fit()``; out of memory, the error says what to shrink (checkpoints stay intact)."""
+    try:
+        return loop.fit()
+    except torch.OutOfMemoryError as error:
+        raise torch.OutOfMemoryError(
+            oom_message(
+                loop.run.cfg,
+                world=distributed.world_size(),
+                step=loop.state.global_step,
+                epoch=loop.state.epoch,
+                last_saved=loop.last_saved,
+                estimate=estimate.summary(),
+            )
+        ) from error
+
+
+def corrupt_report(guard: StepGuard) -> dict[str, Any]:
+    """The corrupt images skipped in this run (``data.skip_corrupt``; collective)."""
+    if guard.corrupt is None:
+        return {}
+    guard.corrupt.collect()  # from an epoch cut short by train.max_steps
+    if distributed.is_main_process():
+        console(guard.corrupt.summary())
+    return {"corrupt_skipped": {"total": guard.corrupt.total, "files": sorted(guard.corrupt.files)}}
+
+
+def export_and_evaluate(
+    method: Method,
+    cfg: Config,
+    run_dir: RunDir,
+    results: dict[str, Any],
+    *,
+    device: torch.device,
+    progress: bool,
+) -> None:
+    """Write ``backbone.safetensors``; with ``eval.final``, evaluate into ``metrics.json``."""
+    checkpoint.export_backbone(method.backbone.state_dict(), run_dir.backbone)
+    if cfg.eval.final:
+        results.update(final_evaluation(method, cfg, device=device, progress=progress))
+        write_metrics(run_dir.metrics, results)
