@@ -6,7 +6,8 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,18 @@ def run_group(
         proc.communicate()
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def pretrain_on_two_processes(
+    out: Path, args: Sequence[str], timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc_per_node 2 -m barlow pretrain --out OUT --quiet ARGS`` on a free port,
+    one intra-op thread per process, through :func:`run_group` (seconds on a loaded machine)."""
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port())]
+    cmd += ["-m", "barlow", "pretrain", "--out", str(out), "--quiet", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return run_group(cmd, env, timeout)
 
 
 def join_as_rank(rank: int, world: int, port: int) -> None:

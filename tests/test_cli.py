@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,23 +11,18 @@ import pytest
 import torch
 
 from barlow.cli import main
+from processes import pretrain_on_two_processes
+from runs import sets
 
-TINY = [
-    "--set",
+TINY = sets(
     'method.projector="64-64"',
-    "--set",
     "train.batch_size=64",
-    "--set",
     "eval.probe_epochs=5",
-    "--set",
     "eval.knn_k=20",
-    "--set",
     "eval.online_knn_every=0",
-    "--set",
     "eval.baselines=false",
-    "--set",
     "eval.protocol_epochs=1",
-]
+)
 
 
 def test_methods_lists_barlow_twins_with_defaults(capsys: pytest.CaptureFixture[str]) -> None:
@@ -86,29 +79,8 @@ def test_python_dash_m_is_the_same_command() -> None:
 
 def test_torchrun_two_processes(tmp_path: Path) -> None:
     """`torchrun --nproc_per_node 2 -m barlow pretrain` trains with DDP over gloo on CPU."""
-    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        torchrun,
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29533",
-        "-m",
-        "barlow",
-        "pretrain",
-        "--out",
-        str(tmp_path),
-        "--epochs",
-        "1",
-        "--quiet",
-        *TINY,
-        "--set",
-        "train.max_steps=4",
-        "--set",
-        "eval.final=false",
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    args = ["--epochs", "1", *TINY, *sets("train.max_steps=4", "eval.final=false")]
+    done = pretrain_on_two_processes(tmp_path, args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stderr
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)

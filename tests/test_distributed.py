@@ -1,4 +1,4 @@
-"""barlow.distributed and the distributed rule of DESIGN.md, with 2 Gloo processes on CPU.
+"""barlow.distributed and the distributed rule, with 2 Gloo processes on CPU.
 
 Rule: with W processes each holding a *different* shard of the global batch, the loss and the
 gradients after DDP's averaging equal one process on the concatenated batch. Both processes are
@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from barlow import distributed
 from barlow.losses import barlow_twins_loss
-from processes import join_as_rank, leave_process_group, save_rank_result, spawn_ranks
+from comparisons import max_rel_err, rel_err
+from processes import join_as_rank, leave_process_group, save_rank_result
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 16
@@ -25,15 +26,16 @@ PATHS = ("correlation", "gram")
 
 
 class TwoViewLoss(nn.Module):
-    """A projector and the loss in one forward, as a Method runs under DDP."""
+    """A projector and the Barlow Twins loss along ``path`` in one forward, as a Method runs
+    under DDP (also the model of tests/losses/test_barlow_twins_distributed.py)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, out_dim: int = OUT_DIM) -> None:
         super().__init__()
         torch.manual_seed(0)  # the same weights on every rank and in the reference
         # Last Linear bias-free, as in heads.mlp: the loss standardises z, so a bias there gets
         # a gradient of exactly 0 in theory and rounding noise in practice.
         self.projector = nn.Sequential(
-            nn.Linear(IN_DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, OUT_DIM, bias=False)
+            nn.Linear(IN_DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, out_dim, bias=False)
         )
         self.path = path
 
@@ -131,25 +133,11 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return spawn_ranks(worker, WORLD_SIZE, tmp_path_factory.mktemp("ranks"))
-
-
-@pytest.fixture(scope="module")
 def single_process() -> Iterator[Callable[[str], dict[str, Tensor]]]:
     def run(path: str) -> dict[str, Tensor]:
         return loss_and_grads(TwoViewLoss(path), *global_views())
 
     yield run
-
-
-def rel_err(actual: Tensor, expected: Tensor) -> float:
-    return float((actual.double() - expected.double()).norm() / expected.double().norm())
-
-
-def max_rel_err(result: dict[str, Tensor], reference: dict[str, Tensor]) -> float:
-    assert result.keys() == reference.keys()
-    return max(rel_err(result[k], reference[k]) for k in reference)
 
 
 def test_process_group_facts(ranks: list[dict[str, Any]]) -> None:

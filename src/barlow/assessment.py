@@ -215,21 +215,28 @@ def results_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def online_knn(
-    encoder: nn.Module, eval_data: EvalData, cfg: Config, device: torch.device
-) -> dict[str, float]:
-    """kNN top-1 of the current encoder on the labelled splits (the per-epoch monitor)."""
-    start = time.perf_counter()
+def knn_top1(
+    encoder: nn.Module, eval_data: EvalData, cfg: Config, *, device: torch.device, progress: bool
+) -> float:
+    """Weighted kNN top-1 of ``encoder``'s features (``eval.knn_k``, ``eval.knn_temperature``)."""
     train, test = eval_data.feature_pair(
-        encoder, device=device, batch_size=cfg.eval.batch_size, progress=False
+        encoder, device=device, batch_size=cfg.eval.batch_size, progress=progress
     )
-    top1 = evaluate.knn_accuracy(
+    return evaluate.knn_accuracy(
         train,
         test,
         k=cfg.eval.knn_k,
         temperature=cfg.eval.knn_temperature,
         num_classes=eval_data.num_classes,
     )
+
+
+def online_knn(
+    encoder: nn.Module, eval_data: EvalData, cfg: Config, device: torch.device
+) -> dict[str, float]:
+    """kNN top-1 of the current encoder on the labelled splits (the per-epoch monitor)."""
+    start = time.perf_counter()
+    top1 = knn_top1(encoder, eval_data, cfg, device=device, progress=False)
     return {"knn_top1": top1, "knn_time_s": time.perf_counter() - start}
 
 
@@ -309,16 +316,7 @@ def run_knn(
 ) -> dict[str, float]:
     """`barlow knn`: weighted kNN accuracy, printed and merged into the run's metrics.json."""
     method, cfg, eval_data, device = _eval_setup(path, dataset, root, overrides)
-    train, test = eval_data.feature_pair(
-        method.backbone, device=device, batch_size=cfg.eval.batch_size, progress=True
-    )
-    acc = evaluate.knn_accuracy(
-        train,
-        test,
-        k=cfg.eval.knn_k,
-        temperature=cfg.eval.knn_temperature,
-        num_classes=eval_data.num_classes,
-    )
+    acc = knn_top1(method.backbone, eval_data, cfg, device=device, progress=True)
     result = {"knn_top1": acc, "k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature}
     print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): {100 * acc:.2f} %")
     evaluate.write_metrics(Path(path).parent / "metrics.json", {"knn": result})

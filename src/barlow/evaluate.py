@@ -1,4 +1,7 @@
-"""Judging a frozen encoder: its features, weighted kNN, a fast linear probe, the paper's protocol.
+"""The maths of judging a frozen encoder: features, weighted kNN, linear probe, paper protocol.
+
+No config and no dataset names here (``assessment.py`` is the glue that builds the data of a
+run and calls these):
 
 * ``extract_features`` runs the encoder over a loader once (eval mode, no gradients).
 * ``knn_accuracy`` is the weighted kNN classifier of Wu et al. (2018), used by InstDisc, DINO and
@@ -474,9 +477,7 @@ def linear_eval(
         train_loader, num_classes, feature_dim, epochs, lr, weight_decay, momentum
     )
     _check_module_device(encoder, device)
-    head = nn.Linear(feature_dim, num_classes, device=device)
-    nn.init.normal_(head.weight, std=0.01)
-    nn.init.zeros_(head.bias)
+    head = _linear_head(feature_dim, num_classes, device)
     optimizer = torch.optim.SGD(
         head.parameters(), lr=0.0, momentum=momentum, weight_decay=weight_decay
     )
@@ -520,6 +521,14 @@ def linear_eval(
                 console(f"linear eval epoch {epoch + 1}/{epochs}: loss {train_loss:.4f}")
         result = _top_k_accuracy(head, test_loader, features, test_preprocess, device, num_classes)
     return {**result, "train_loss": train_loss}
+
+
+def _linear_head(feature_dim: int, num_classes: int, device: torch.device) -> nn.Linear:
+    """The official evaluation's head: W ~ N(0, 0.01²), b = 0."""
+    head = nn.Linear(feature_dim, num_classes, device=device)
+    nn.init.normal_(head.weight, std=0.01)
+    nn.init.zeros_(head.bias)
+    return head
 
 
 def _check_linear_eval_arguments(

@@ -14,6 +14,7 @@ from barlow.losses import (
     off_diagonal,
     standardize,
 )
+from comparisons import rel_err
 
 PATHS = ("correlation", "gram")
 LAMBD = 0.0051
@@ -44,10 +45,6 @@ def correlated_views(n: int, d: int, seed: int = 0) -> tuple[Tensor, Tensor]:
     z1 = torch.randn(n, d, generator=gen) * 3 + 1
     z2 = 0.7 * z1 + torch.randn(n, d, generator=gen)
     return z1, z2
-
-
-def rel_err(actual: Tensor, expected: Tensor) -> float:
-    return float((actual.double() - expected.double()).norm() / expected.double().norm())
 
 
 def test_reference_matches_explicit_loops() -> None:

@@ -1,6 +1,6 @@
 """Barlow Twins across processes ("reduce_c", "sharded_gram", "auto") and the loss cost model.
 
-Rule of DESIGN.md, with 2 Gloo processes holding *different* data: the loss and the gradients
+The distributed rule, with 2 Gloo processes holding *different* data: the loss and the gradients
 after DDP's averaging equal one process on the concatenated batch (here: the "correlation" path
 in one process). Checked through DDP on a projector's parameters and directly on the embeddings
 (a rank's gradient divided by W against the reference's rows), with the two ranks' rows of very
@@ -23,12 +23,17 @@ from barlow.losses import (
     choose_path,
     finite_checks_by_caller,
 )
-from processes import join_as_rank, leave_process_group, save_rank_result, spawn_ranks
-from test_distributed import max_rel_err, rel_err
+from comparisons import max_rel_err, rel_err
+from processes import join_as_rank, leave_process_group, save_rank_result
+from test_distributed import (
+    GLOBAL_BATCH,
+    OUT_DIM,
+    WORLD_SIZE,
+    TwoViewLoss,
+    global_views,
+    loss_and_grads,
+)
 
-WORLD_SIZE = 2
-GLOBAL_BATCH = 16
-IN_DIM, HIDDEN, OUT_DIM = 6, 12, 10
 EMBED_DIM = 24  # width of the embedding-level checks
 DISTRIBUTED_PATHS = ("reduce_c", "sharded_gram")
 # Widths at which "auto" picks each distributed path for N = 16, W = 2 (asserted below).
@@ -36,28 +41,6 @@ AUTO_WIDTHS = {"reduce_c": 4, "sharded_gram": 32}
 UNEVEN_ROWS = ((0, 6), (6, 16))  # shards of different sizes
 EMPTY_ROWS = ((0, 0), (0, 16))  # rank 0 holds nothing
 TINY_ROWS = ((0, 1), (1, 1))  # one sample in the whole batch
-
-
-class TwoViewLoss(nn.Module):
-    """A projector and the loss in one forward, as a Method runs under DDP."""
-
-    def __init__(self, path: str, out_dim: int = OUT_DIM) -> None:
-        super().__init__()
-        torch.manual_seed(0)  # the same weights on every rank and in the reference
-        self.projector = nn.Sequential(
-            nn.Linear(IN_DIM, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, out_dim, bias=False)
-        )
-        self.path = path
-
-    def forward(self, x1: Tensor, x2: Tensor) -> Tensor:
-        z1, z2 = self.projector(x1), self.projector(x2)
-        return barlow_twins_loss(z1, z2, path=self.path).loss  # type: ignore[arg-type]
-
-
-def global_inputs() -> tuple[Tensor, Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    x1 = torch.randn(GLOBAL_BATCH, IN_DIM, generator=gen)
-    return x1, x1 + 0.5 * torch.randn(GLOBAL_BATCH, IN_DIM, generator=gen)
 
 
 def global_embeddings() -> tuple[Tensor, Tensor]:
@@ -80,17 +63,9 @@ def even_rows(rank: int) -> tuple[int, int]:
     return rank * rows, (rank + 1) * rows
 
 
-def loss_and_grads(model: nn.Module, x1: Tensor, x2: Tensor) -> dict[str, Tensor]:
-    loss = model(x1, x2)
-    loss.backward()
-    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    grads = {name: torch.as_tensor(p.grad).clone() for name, p in module.named_parameters()}
-    return {"loss": loss.detach(), **grads}
-
-
 def ddp_run(path: str, rank: int, out_dim: int = OUT_DIM) -> dict[str, Tensor]:
     model = nn.parallel.DistributedDataParallel(TwoViewLoss(path, out_dim))
-    (start, stop), (x1, x2) = even_rows(rank), global_inputs()
+    (start, stop), (x1, x2) = even_rows(rank), global_views()
     return loss_and_grads(model, x1[start:stop], x2[start:stop])
 
 
@@ -174,13 +149,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     save_rank_result(out_dir, rank, checks_in_worker(rank))
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return spawn_ranks(worker, WORLD_SIZE, tmp_path_factory.mktemp("ranks"))
-
-
 def reference_ddp(out_dim: int = OUT_DIM) -> dict[str, Tensor]:
-    return loss_and_grads(TwoViewLoss("correlation", out_dim), *global_inputs())
+    return loss_and_grads(TwoViewLoss("correlation", out_dim), *global_views())
 
 
 def reference_embeddings(rows: tuple[int, int]) -> dict[str, Tensor]:

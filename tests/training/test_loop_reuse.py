@@ -4,7 +4,6 @@ shape of fine-tuning), built from the library's parts without copying the loop."
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from barlow.training import StepGuard, TrainingLoop, TrainState
 from barlow.training.epoch_data import epoch_loader
 from barlow.training.setup import Run, assemble_run
 from barlow.training.state import validate_training_checkpoint
+from runs import records
 
 CPU = torch.device("cpu")
 SETTINGS = [
@@ -135,11 +135,10 @@ def test_the_loop_trains_a_supervised_objective(tmp_path: Path) -> None:
     accuracy = held_out_accuracy(run.module)
     # 3 epochs of 11 steps: far above chance (0.1) and the untrained head (measured 0.96 / 0.10)
     assert accuracy > 0.85 and accuracy > untrained + 0.5, (accuracy, untrained)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in records if r["kind"] == "epoch"]
+    epochs = records(tmp_path, "epoch")
     assert [r["epoch"] for r in epochs] == [1, 2, 3] and last_epoch["epoch"] == 3
     assert epochs[-1]["loss"] < epochs[0]["loss"] / 2
-    assert "accuracy" in records[0]  # the objective's own log terms reach the logbook
+    assert "accuracy" in records(tmp_path)[0]  # the objective's own log terms reach the logbook
     saved = validate_training_checkpoint(tmp_path / "checkpoint.pt")
     assert (saved["epoch"], saved["global_step"]) == (3, 3 * 11)
     assert "head.weight" in saved["method"]
@@ -174,5 +173,4 @@ def test_the_guard_skips_a_nonfinite_supervised_step(
     monkeypatch.setattr(Classifier, "forward", poisoned)
     run, _ = train(load_config("digits", [*SETTINGS, "train.skip_nonfinite=1"]), tmp_path)
     assert all(torch.isfinite(t).all() for t in run.module.state_dict().values())
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if "skipped_nonfinite" in r] == [poisoned_step - 1]
+    assert [r["step"] for r in records(tmp_path) if "skipped_nonfinite" in r] == [poisoned_step - 1]

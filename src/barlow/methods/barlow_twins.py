@@ -8,11 +8,11 @@ import torch
 from torch import Tensor, nn
 
 from barlow.heads import mlp
-from barlow.losses import BarlowTwinsPath, barlow_twins_loss, choose_path
-from barlow.methods.base import Method, StepOutput
+from barlow.losses import BarlowTwinsPath, barlow_twins_loss
+from barlow.methods.base import CorrelationOrGramLoss, Method, StepOutput
 
 
-class BarlowTwins(Method):
+class BarlowTwins(CorrelationOrGramLoss, Method):
     """Redundancy reduction: drive the cross-correlation of two views' embeddings to the identity.
 
     z_a = g(f(x_a)), z_b = g(f(x_b)) with f the backbone and g the projector;
@@ -36,14 +36,6 @@ class BarlowTwins(Method):
         self.projector = mlp(num_features, projector)
         self.lambd = lambd
         self.loss_path: BarlowTwinsPath = loss_path
-
-    def largest_loss_matrix(self, global_batch: int, world: int) -> tuple[str, tuple[int, int]]:
-        """The D×D cross-correlation or the N×N Gram matrices, as the loss's path chooses."""
-        d = self.embedding_dim()
-        path = choose_path(global_batch, d) if self.loss_path == "auto" else self.loss_path
-        if path == "correlation":
-            return "D×D matrix (correlation path)", (d, d)
-        return "N×N Gram matrix", (global_batch, global_batch)
 
     def forward(self, views: Sequence[Tensor]) -> StepOutput:
         self._check_views(views)

@@ -8,6 +8,8 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
+from barlow.losses import choose_path
+
 
 @dataclass
 class StepOutput:
@@ -60,3 +62,17 @@ class Method(nn.Module):
                 f"{type(self).__name__} takes {self.num_views} views per image, got {len(views)}; "
                 f"use a view recipe with {self.num_views} views"
             )
+
+
+class CorrelationOrGramLoss:
+    """For a method whose loss builds the D×D correlation or the N×N Gram matrices (Barlow
+    Twins, VICReg), as its ``loss_path`` (``auto``: ``losses.choose_path``) decides."""
+
+    loss_path: str
+
+    def largest_loss_matrix(self, global_batch: int, world: int) -> tuple[str, tuple[int, int]]:
+        d = self.embedding_dim()  # type: ignore[attr-defined]
+        path = choose_path(global_batch, d) if self.loss_path == "auto" else self.loss_path
+        if path == "correlation":
+            return "D×D matrix (correlation path)", (d, d)
+        return "N×N Gram matrix", (global_batch, global_batch)

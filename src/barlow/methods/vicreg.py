@@ -9,11 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from barlow.heads import mlp
-from barlow.losses import choose_path, vicreg_loss
-from barlow.methods.base import Method, StepOutput
+from barlow.losses import vicreg_loss
+from barlow.methods.base import CorrelationOrGramLoss, Method, StepOutput
 
 
-class VICReg(Method):
+class VICReg(CorrelationOrGramLoss, Method):
     """Variance-Invariance-Covariance Regularisation of the two views' embeddings.
 
     z = g(f(x)) for each view, and with global-batch statistics (see :func:`vicreg_loss`):
@@ -50,14 +50,6 @@ class VICReg(Method):
         self.projector = mlp(num_features, projector)
         self.sim_coeff, self.std_coeff, self.cov_coeff = sim_coeff, std_coeff, cov_coeff
         self.loss_path: Literal["auto", "correlation", "gram"] = loss_path
-
-    def largest_loss_matrix(self, global_batch: int, world: int) -> tuple[str, tuple[int, int]]:
-        """The D×D covariance or the N×N Gram matrices, as the loss's path chooses."""
-        d = self.embedding_dim()
-        path = choose_path(global_batch, d) if self.loss_path == "auto" else self.loss_path
-        if path == "correlation":
-            return "D×D matrix (correlation path)", (d, d)
-        return "N×N Gram matrix", (global_batch, global_batch)
 
     def forward(self, views: Sequence[Tensor]) -> StepOutput:
         self._check_views(views)

@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -49,6 +49,7 @@ def pretrain(
     main = distributed.is_main_process()
     point = resuming.find_resume_point(run_dir, cfg, resume=resume, overwrite=overwrite)
     run, estimate = build_pretraining_run(cfg, device, point, run_dir)
+    method = cast(Method, run.module)  # build_pretraining_run trains a Method
     state = TrainState()
     if point is not None and not point.weights_only:
         state = TrainState.from_checkpoint(
@@ -82,13 +83,13 @@ def pretrain(
             guard=guard,
             logbook=logbook,
             progress=Progress(enabled=show),
-            monitors=pretraining_monitors(run.module, cfg, device),  # type: ignore[arg-type]
+            monitors=pretraining_monitors(method, cfg, device),
             last_saved=None if point is None or point.weights_only else str(point.path),
         )
         epoch_metrics = fit_with_memory_advice(loop, estimate)
     results = {"pretrain": epoch_metrics, **corrupt_report(guard)}
     if main:
-        export_and_evaluate(run.module, cfg, run_dir, results, device=device, progress=show)  # type: ignore[arg-type]
+        export_and_evaluate(method, cfg, run_dir, results, device=device, progress=show)
     distributed.barrier()
     return results
 

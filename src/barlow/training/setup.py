@@ -72,7 +72,7 @@ def wrap_for_training(
 
     channels_last comes first: DDP lays its gradient buckets out by the parameters' strides when
     it is built, and a layout changed afterwards scrambles the first step's averaged gradients
-    (tests/test_compute_distributed.py measures it).
+    (tests/training/test_setup_distributed.py measures it).
     """
     model = to_channels_last(method) if channels_last else method
     if world > 1:

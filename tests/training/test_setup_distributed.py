@@ -1,4 +1,4 @@
-"""channels_last under DDP (2 gloo processes): ``train.wrap_for_training`` converts the layout
+"""channels_last under DDP (2 gloo processes): ``training.wrap_for_training`` converts the layout
 before DDP builds its gradient buckets, so the first step's averaged gradients equal one process's.
 
 Reference: BatchNorm normalises per process on CPU, so DDP's gradient is the mean of the gradients
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from barlow.backbones import SmallCNN
 from barlow.training import wrap_for_training
-from processes import join_as_rank, save_rank_result, spawn_ranks
+from processes import join_as_rank, save_rank_result
 
 WORLD_SIZE, HALF = 2, 4
 CPU = torch.device("cpu")
@@ -59,11 +59,8 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def rank0(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Tensor]]:
-    rank0: dict[str, dict[str, Tensor]] = spawn_ranks(
-        worker, WORLD_SIZE, tmp_path_factory.mktemp("ranks")
-    )[0]
-    return rank0
+def rank0(ranks: list[dict[str, dict[str, Tensor]]]) -> dict[str, dict[str, Tensor]]:
+    return ranks[0]
 
 
 def reference() -> dict[str, Tensor]:

@@ -17,6 +17,8 @@ from barlow.methods import BarlowTwins
 from barlow.training import CHECKPOINT_NAME, NonFiniteLossError, pretrain
 from barlow.training.epoch_data import CorruptSample, collate_dropping_corrupt
 from barlow.training.state import validate_training_checkpoint
+from comparisons import assert_identical
+from runs import records, weights
 
 TINY = [
     'method.projector="64-64"',
@@ -50,9 +52,7 @@ def test_pretrain_writes_a_complete_run(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["config"] == cfg.to_dict()
 
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    epochs = [r for r in records if r["kind"] == "epoch"]
-    steps = [r for r in records if r["kind"] == "train"]
+    epochs, steps = records(tmp_path, "epoch"), records(tmp_path, "train")
     assert [r["epoch"] for r in epochs] == [1]  # max_steps=30 stops inside epoch 2
     assert all(0 <= r["knn_top1"] <= 1 for r in epochs)
     assert all({"loss", "on_diag", "off_diag", "lr", "images_per_s"} <= r.keys() for r in steps)
@@ -69,8 +69,7 @@ def test_loss_decreases(tmp_path: Path) -> None:
     random small CNN already reaches ~95 % kNN, so there the comparison is noise."""
     cfg = tiny_config("train.epochs=8", "eval.final=false", "eval.online_knn_every=0")
     pretrain(cfg, tmp_path, progress=False)
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if r["kind"] == "epoch"]
+    losses = [r["loss"] for r in records(tmp_path, "epoch")]
     assert losses[-1] < 0.8 * losses[0]
 
 
@@ -83,11 +82,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     # Same run, continued: the config now asks for 2 epochs.
     pretrain(straight, tmp_path / "split", resume=True, progress=False)
 
-    a = checkpoint.load_checkpoint(tmp_path / "straight" / CHECKPOINT_NAME)["method"]
-    b = checkpoint.load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)["method"]
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_identical(weights(tmp_path / "straight"), weights(tmp_path / "split"))
 
 
 def test_output_directory_holding_a_run_is_refused(tmp_path: Path) -> None:
@@ -226,8 +221,7 @@ def test_skip_corrupt_drops_counts_and_reports(
     results = pretrain(load_config("digits", [*extra, *FOLDER_RUN]), tmp_path / "run")
     expected = sorted(str(images / name) for name in ("empty.jpg", "truncated.png"))
     assert results["corrupt_skipped"] == {"total": 2, "files": expected}
-    records = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    epochs = [json.loads(r) for r in records if json.loads(r)["kind"] == "epoch"]
+    epochs = records(tmp_path / "run", "epoch")
     assert [(e["corrupt_skipped"], e["corrupt_skipped_total"]) for e in epochs] == [(2, 2)]
     err = capsys.readouterr().err
     assert "2 corrupt image(s) skipped" in err  # the epoch line

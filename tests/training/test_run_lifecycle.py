@@ -32,7 +32,9 @@ from barlow.methods import BarlowTwins
 from barlow.preemption import EXIT_CODE, requeue_slurm_job
 from barlow.training import CHECKPOINT_NAME, NonFiniteLossError, pretrain
 from barlow.training.state import validate_training_checkpoint
-from processes import free_port, run_group
+from comparisons import same
+from processes import pretrain_on_two_processes
+from runs import records, sets
 
 FAST = [
     'method.projector="16-16"',
@@ -44,16 +46,6 @@ FAST = [
     'data.augment_on="device"',
 ]
 STEPS_PER_EPOCH = 1437 // 128  # 11
-
-
-def sets(*overrides: str) -> list[str]:
-    """``--set`` arguments for the command line."""
-    return [arg for o in overrides for arg in ("--set", o)]
-
-
-def records(run: Path, kind: str) -> list[dict[str, Any]]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
 def file_hashes(run: Path) -> dict[str, str]:
@@ -234,10 +226,6 @@ def inject(monkeypatch: pytest.MonkeyPatch, calls_to_poison: set[int], *, into: 
     return seen
 
 
-def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 def test_skip_nonfinite_skips_a_nan_step_and_continues(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -382,12 +370,7 @@ def test_process_count_that_does_not_fit_the_batch_is_refused_before_reading_dat
 
 def test_two_processes_refuse_an_odd_global_batch(tmp_path: Path) -> None:
     """The real thing: 2 gloo processes, global batch 3; both exit 2 naming the batch."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port())]
-    cmd += ["-m", "barlow", "pretrain", "--quiet", "--out", str(tmp_path / "run")]
-    cmd += sets(*FAST, "train.batch_size=3")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = run_group(cmd, env, timeout=900)
+    done = pretrain_on_two_processes(tmp_path / "run", sets(*FAST, "train.batch_size=3"))
     assert done.returncode != 0
     assert done.stderr.count("train.batch_size=3 is not divisible by the 2 processes") == 2
     assert not (tmp_path / "run").exists()
@@ -443,7 +426,7 @@ def test_a_hostile_override_is_refused_and_runs_nothing(
 def test_the_library_has_no_unsafe_deserialiser() -> None:
     """An AST scan of src/barlow: no yaml.load / full_load / unsafe_load, no pickle or marshal
     loads, no eval / exec: config and recipe files are read by tomllib and json only."""
-    src = Path(__file__).resolve().parents[1] / "src" / "barlow"
+    src = Path(__file__).resolve().parents[2] / "src" / "barlow"
     unsafe = {
         ("yaml", "load"),
         ("yaml", "load_all"),

@@ -10,10 +10,7 @@ without it, or the comparison could not catch a lost RNG state.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +22,9 @@ from barlow.config import Config, load_config
 from barlow.methods import BarlowTwins
 from barlow.training import CHECKPOINT_NAME, pretrain, setup
 from barlow.training.state import validate_training_checkpoint
-from processes import free_port, run_group
+from comparisons import differing
+from processes import pretrain_on_two_processes
+from runs import records, sets, weights
 
 FAST = [
     'method.projector="16-16"',
@@ -43,18 +42,8 @@ def fast(*extra: str) -> Config:
     return load_config("digits", [*FAST, *extra])
 
 
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return validate_training_checkpoint(run / CHECKPOINT_NAME)["method"]
-
-
-def differing(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
-    assert a.keys() == b.keys()
-    return [k for k in a if not torch.equal(a[k], b[k])]
-
-
 def step_losses(run: Path) -> dict[int, float]:
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in records(run, "train")}
 
 
 def draw_noise_in_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,14 +87,8 @@ def test_rng_restore_on_resume(
 
 
 def _torchrun(out: Path, *extra: str, resume: bool = False) -> subprocess.CompletedProcess[str]:
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port())]
-    cmd += ["-m", "barlow", "pretrain", "--out", str(out), "--quiet"]
-    for override in [*FAST, *extra]:
-        cmd += ["--set", override]
-    cmd += ["--resume"] if resume else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return run_group(cmd, env, timeout=900)  # seconds on a loaded machine; ~15 s idle
+    args = sets(*FAST, *extra) + (["--resume"] if resume else [])
+    return pretrain_on_two_processes(out, args)  # ~15 s on an idle machine
 
 
 def test_a_two_process_checkpoint_resumes_in_one_process_and_back(

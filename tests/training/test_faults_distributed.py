@@ -8,7 +8,6 @@ its k-th forward pass (= step k, counted from 1).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from barlow.preemption import EXIT_CODE
 from barlow.training import CHECKPOINT_NAME
 from barlow.training.state import validate_training_checkpoint
 from processes import free_port
+from runs import records, sets
 
 BOUND_S = 60  # R22: every rank has exited this long after the fault
 STEPS_PER_EPOCH = 1437 // 256  # digits, 2 processes × 128
@@ -84,9 +84,7 @@ def launch(
     script, stamp, out = tmp_path / "worker.py", tmp_path / "fault-time", tmp_path / "run"
     script.write_text(WORKER)
     argv = [sys.executable, str(script), mode, str(fault_step), str(hang_s), str(stamp)]
-    argv += ["pretrain", "--quiet", "--out", str(out)]
-    for override in [*RUN, *extra]:
-        argv += ["--set", override]
+    argv += ["pretrain", "--quiet", "--out", str(out), *sets(*RUN, *extra)]
     port = free_port()
     procs, logs = [], []
     for rank in range(2):
@@ -183,8 +181,7 @@ def test_skip_nonfinite_skips_a_step_that_is_non_finite_on_one_rank(
     assert [r.code for r in ranks] == [0, 0], [r.stderr[-1500:] for r in ranks]
     state = validate_training_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)  # every tensor finite
     assert (state["epoch"], state["global_step"]) == (2, 2 * STEPS_PER_EPOCH)
-    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    skips = [r for r in map(json.loads, lines) if "skipped_nonfinite" in r]
+    skips = [r for r in records(tmp_path / "run") if "skipped_nonfinite" in r]
     assert [(r["step"], r["skipped_nonfinite"]) for r in skips] == [(fault_step - 1, 1)]
     assert "loss per process is [" in ranks[0].stderr and "skipped a step (1/1" in ranks[0].stderr
 

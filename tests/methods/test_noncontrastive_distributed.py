@@ -1,6 +1,6 @@
 """BYOL, SimSiam and VICReg under DDP with 2 Gloo processes holding *different* data.
 
-The distributed rule of DESIGN.md: loss and gradients after DDP's averaging equal one process on
+The distributed rule: loss and gradients after DDP's averaging equal one process on
 the concatenated batch; for BYOL also the target network after an optimizer step and
 ``after_step``. BatchNorm layers run in eval mode, the documented CPU policy (SyncBatchNorm refuses
 CPU tensors, so per-rank batch statistics would differ from the global ones by design). One
@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from barlow import distributed
 from barlow.methods import METHODS, Method
-from processes import join_as_rank, leave_process_group, save_rank_result, spawn_ranks
-from test_distributed import max_rel_err, rel_err
+from comparisons import max_rel_err, rel_err
+from processes import join_as_rank, leave_process_group, save_rank_result
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 16
@@ -93,11 +93,6 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     results = {case: ddp_run(case, rank) for case in CASES}
     leave_process_group()
     save_rank_result(out_dir, rank, results)
-
-
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, Tensor]]]:
-    return spawn_ranks(worker, WORLD_SIZE, tmp_path_factory.mktemp("ranks"))
 
 
 def single_process(case: str) -> dict[str, Tensor]:

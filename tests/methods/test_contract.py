@@ -1,4 +1,7 @@
-"""The method contract of DESIGN.md, checked for every entry of METHODS."""
+"""The method contract, checked for every entry of METHODS (docs/architecture.md, "How to add a
+method"): a finite float32 scalar loss with detached scalar logs, a gradient for every trainable
+parameter and none for target parameters, which move only in ``after_step``, a state_dict round
+trip, backbone features from ``embed``, typed keyword hyper-parameters with defaults."""
 
 from __future__ import annotations
 

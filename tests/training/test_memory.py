@@ -16,6 +16,7 @@ from barlow.methods import METHODS, BarlowTwins
 from barlow.training import CHECKPOINT_NAME
 from barlow.training.memory import memory_estimate
 from barlow.training.state import validate_training_checkpoint
+from runs import sets
 
 
 def test_estimate_of_the_paper_model() -> None:
@@ -91,15 +92,14 @@ def test_out_of_memory_in_a_step_names_what_to_shrink(
 
     monkeypatch.setattr(BarlowTwins, "forward", out_of_memory)
     args = ["pretrain", "--quiet", "--out", str(tmp_path), "--epochs", "2"]
-    for override in (
+    args += sets(
         'method.projector="32-32"',
         "train.batch_size=256",
         'data.augment_on="device"',
         "optim.warmup_epochs=1",
         "eval.online_knn_every=0",
         "eval.final=false",
-    ):
-        args += ["--set", override]
+    )
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "memory preflight:" in err and "parameters (backbone" in err  # printed at the start

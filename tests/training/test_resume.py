@@ -21,7 +21,9 @@ from barlow.methods import METHODS
 from barlow.preemption import EXIT_CODE, PreemptionSignals
 from barlow.training import CHECKPOINT_NAME, pretrain
 from barlow.training.epoch_data import EpochOrder, ViewDataset, sample_seed
-from processes import free_port
+from comparisons import assert_identical
+from processes import pretrain_on_two_processes
+from runs import sets, weights
 
 TINY = [
     'method.projector="32-32"',
@@ -36,16 +38,6 @@ STEPS_PER_EPOCH = 1437 // 64  # 22
 
 def tiny(*extra: str) -> Config:
     return load_config("digits", [*TINY, *extra])
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return checkpoint.load_checkpoint(run / CHECKPOINT_NAME)["method"]
-
-
-def assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
 @pytest.fixture(scope="module")
@@ -138,9 +130,7 @@ def test_preemption_signals_only_set_a_flag() -> None:
 def test_sigterm_saves_exits_143_and_resumes_exactly(tmp_path: Path) -> None:
     """A real SIGTERM to a running `barlow pretrain`, then `--resume`: same weights as straight."""
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "barlow", "pretrain", "--quiet"]
-    for override in TINY:
-        args += ["--set", override]
+    args = [sys.executable, "-m", "barlow", "pretrain", "--quiet", *sets(*TINY)]
     # The reference runs in a subprocess too: the same thread count gives the same float sums.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = subprocess.run(
@@ -167,14 +157,8 @@ def test_sigterm_saves_exits_143_and_resumes_exactly(tmp_path: Path) -> None:
 
 
 def _torchrun(out: Path, *extra: str, resume: bool = False) -> subprocess.CompletedProcess[str]:
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port())]
-    cmd += ["-m", "barlow", "pretrain", "--out", str(out), "--quiet"]
-    for override in [*TINY, "train.epochs=1", *extra]:
-        cmd += ["--set", override]
-    cmd += ["--resume"] if resume else []
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    args = sets(*TINY, "train.epochs=1", *extra) + (["--resume"] if resume else [])
+    return pretrain_on_two_processes(out, args)
 
 
 def test_two_process_mid_epoch_resume_is_bit_identical(tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 from barlow import distributed
 from barlow.backbones import create_backbone
 from barlow.methods import CMC, Method, MoCo, SimCLR
-from processes import join_as_rank, leave_process_group, save_rank_result, spawn_ranks
+from comparisons import rel_err
+from processes import join_as_rank, leave_process_group, save_rank_result
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 8
@@ -108,21 +109,12 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    return spawn_ranks(worker, WORLD_SIZE, tmp_path_factory.mktemp("contrastive_ranks"))
-
-
-@pytest.fixture(scope="module")
 def single_process() -> Callable[[str], dict[str, Tensor]]:
     @functools.cache
     def run(name: str) -> dict[str, Tensor]:
         return train_steps(name, build(name), rank=None)
 
     return run
-
-
-def rel_err(actual: Tensor, expected: Tensor) -> float:
-    return float((actual.double() - expected.double()).norm() / expected.double().norm())
 
 
 def test_ranks_hold_different_data() -> None:

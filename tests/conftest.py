@@ -1,0 +1,23 @@
+"""Fixtures shared by the test files. Plain helpers live beside this file: ``processes.py``
+(real runs and spawned ranks), ``runs.py`` (a run's records and weights), ``comparisons.py``
+(relative errors, bit-identical state dicts)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from processes import spawn_ranks
+
+# Their asserts explain a failure like a test's own (pytest rewrites test modules only).
+pytest.register_assert_rewrite("comparisons", "runs")
+
+
+@pytest.fixture(scope="module")
+def ranks(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    """What each rank of the test module's ``worker(rank, port, out_dir)`` saved, in rank order:
+    ``WORLD_SIZE`` (a module constant) Gloo processes spawned once per module; every check runs
+    in that one process group and the tests assert on the results."""
+    module = request.module
+    return spawn_ranks(module.worker, module.WORLD_SIZE, tmp_path_factory.mktemp("ranks"))

@@ -1,0 +1,29 @@
+"""A training run as the tests read it: its ``metrics.jsonl`` records and its weights, and the
+command line's ``--set`` form of config overrides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from barlow.training import CHECKPOINT_NAME
+from barlow.training.state import validate_training_checkpoint
+
+
+def sets(*overrides: str) -> list[str]:
+    """``--set`` arguments for the command line."""
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def records(run: Path, kind: str | None = None) -> list[dict[str, Any]]:
+    """The run's ``metrics.jsonl`` records in order; with ``kind`` ("train", "epoch") only those."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if kind is None or r["kind"] == kind]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    """The method's state dict in the run's checkpoint, validated: complete, every tensor finite."""
+    return validate_training_checkpoint(run / CHECKPOINT_NAME)["method"]
