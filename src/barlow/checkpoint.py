@@ -408,6 +408,9 @@ def _weights_only_load(path: Path, map_location: str | torch.device) -> Any:
         raise
     except Exception as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        if "weights_only" in reason or "Weights only" in reason:
+            # torch's text advises weights_only=False, which would run the file's code: never
+            reason = "it holds objects the safe (weights_only) loader refuses"
         raise ValueError(
             f"cannot read checkpoint {path}: {reason}. The file may be truncated by an "
             "interrupted write, corrupt, or a pickle holding objects other than tensors and "

@@ -63,9 +63,46 @@ class RunDir:
     def tensorboard(self) -> Path:
         return self.path / TENSORBOARD_NAME
 
+    def checkpoints(self) -> list[Path]:
+        """``checkpoint.pt`` and its snapshots ``checkpoint-step<N>.pt``, where they exist."""
+        found = [self.checkpoint] if self.checkpoint.exists() else []
+        return found + sorted(self.path.glob("checkpoint-step*.pt"))
+
     def holds_a_run(self) -> bool:
         """Whether a run already wrote here (its config or a checkpoint)."""
         return self.checkpoint.exists() or self.config.exists()
+
+    def missing_outputs(self, *, final_evaluation: bool) -> list[Path]:
+        """The outputs a finished run writes after training that are not here (a run killed
+        during its export or final evaluation): ``backbone.safetensors``, and ``metrics.json``
+        when the run evaluates."""
+        wanted = [self.backbone] + ([self.metrics] if final_evaluation else [])
+        return [path for path in wanted if not path.is_file()]
+
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete the temp files of writes of the outputs that a killed process left."""
+        stale = [
+            temp
+            for name in (BACKBONE_NAME, METRICS_NAME, CONFIG_NAME)
+            for temp in self.path.glob(f".{name}.*.tmp")
+        ]
+        for temp in stale:
+            temp.unlink(missing_ok=True)
+        return stale
+
+    def last_epoch_record(self) -> dict[str, Any]:
+        """The last epoch's record in ``metrics.jsonl`` (without its kind and step), or {}."""
+        if not self.metrics_log.is_file():
+            return {}
+        last: dict[str, Any] = {}
+        for line in self.metrics_log.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if record.get("kind") == "epoch":
+                last = {k: v for k, v in record.items() if k not in ("kind", "step")}
+        return last
 
     def write_config(self, record: Mapping[str, Any]) -> None:
         """``config.json``, atomically (a reader never sees half of it)."""

@@ -3,7 +3,6 @@ InfoNCE with a queue (MoCo), the full-graph multi-view InfoNCE (CMC)."""
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
@@ -15,10 +14,7 @@ from barlow.losses import info_nce_loss, multiview_info_nce_loss, nt_xent_loss
 from barlow.methods.cmc import CMC
 from barlow.methods.moco import MoCo
 from barlow.methods.simclr import SimCLR
-
-
-def unit(x: Tensor) -> Tensor:
-    return x / x.norm(dim=1, keepdim=True)
+from references import naive_full_graph, unit
 
 
 def naive_nt_xent(z1: Tensor, z2: Tensor, t: float) -> float:
@@ -42,23 +38,6 @@ def naive_info_nce(q: Tensor, k: Tensor, queue: Tensor, t: float) -> float:
         negatives = sum(math.exp(float(qh[n] @ qu[j]) / t) for j in range(queue.shape[0]))
         total += -math.log(positive / (positive + negatives))
     return total / q.shape[0]
-
-
-def naive_cross_view(a: Tensor, b: Tensor, t: float) -> float:
-    """mean_n −log softmax over the other view's images, anchor a_n, positive b_n."""
-    ua, ub = unit(a).double(), unit(b).double()
-    total = 0.0
-    for n in range(a.shape[0]):
-        logits = [float(ua[n] @ ub[m]) / t for m in range(b.shape[0])]
-        total += -math.log(math.exp(logits[n]) / sum(math.exp(x) for x in logits))
-    return total / a.shape[0]
-
-
-def naive_full_graph(zs: list[Tensor], t: float) -> float:
-    return sum(
-        naive_cross_view(zs[i], zs[j], t) + naive_cross_view(zs[j], zs[i], t)
-        for i, j in itertools.combinations(range(len(zs)), 2)
-    )
 
 
 def embeddings(n: int = 6, d: int = 5, seed: int = 0) -> tuple[Tensor, Tensor]:

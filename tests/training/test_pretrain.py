@@ -95,7 +95,8 @@ def test_output_directory_holding_a_run_is_refused(tmp_path: Path) -> None:
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no valid checkpoint"):
+    """A directory that does not exist (a mistyped --out) is not a fresh start."""
+    with pytest.raises(FileNotFoundError, match="does not exist; check --out"):
         pretrain(tiny_config(), tmp_path / "nothing", resume=True, progress=False)
 
 

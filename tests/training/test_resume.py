@@ -215,7 +215,7 @@ def test_resume_without_a_checkpoint_is_an_error_not_a_fresh_start(
     args = ["pretrain", "--quiet", "--out", str(tmp_path / "missing"), "--resume"]
     assert main(args) == 2
     err = capsys.readouterr().err
-    assert "--resume given but" in err and "holds no valid checkpoint" in err
+    assert "--resume given but" in err and "does not exist; check --out" in err
     assert not (tmp_path / "missing").exists()
 
 

@@ -11,7 +11,7 @@ kNN), the collapse check, a log record, a checkpoint. Any job that can build a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,10 +47,12 @@ class TrainingLoop:
         progress: Progress,
         monitors: Sequence[EpochMonitor] = (),
         last_saved: str | None = None,
+        run_record: Mapping[str, Any] | None = None,
     ) -> None:
         self.run, self.run_dir, self.state, self.guard = run, run_dir, state, guard
         self.logbook, self.progress, self.monitors = logbook, progress, monitors
         self.last_saved = last_saved or "none yet"
+        self.run_record = run_record  # config.json, rewritten with every checkpoint
         self.train = run.cfg.train
         self.after_step = getattr(run.module, "after_step", None)
         self.begin_epoch()
@@ -208,6 +210,8 @@ class TrainingLoop:
         checkpoint.retain(
             self.run_dir.path, keep_last=self.train.keep_last, required_keys=CHECKPOINT_KEYS
         )
+        if self.run_record is not None:  # the config of the run that wrote the checkpoint
+            self.run_dir.write_config(self.run_record)
 
 
 def epoch_line(metrics: dict[str, Any], epochs: int, corrupt: bool) -> str:

@@ -65,13 +65,12 @@ def pretrain(
                 f"resumed from {point.path} at epoch {state.epoch + 1}{where}, "
                 f"step {state.global_step}"
             )
-        if finished(cfg, state):  # re-running a finished run is a no-op
-            return already_finished(run_dir, state)
-    if main:
-        run_dir.write_config(
-            {"config": cfg.to_dict(), "argv": list(argv or sys.argv), "version": __version__}
-        )
     show = main and (progress if progress is not None else True)
+    if finished(cfg, state):  # a re-run: completes what a kill left unwritten, else a no-op
+        return complete_outputs(method, cfg, run_dir, state, device=device, progress=show)
+    record = {"config": cfg.to_dict(), "argv": list(argv or sys.argv), "version": __version__}
+    if main and state.global_step == 0:  # a resume rewrites it with its first checkpoint
+        run_dir.write_config(record)
     signals = PreemptionSignals()
     logbook = Logbook(run_dir.path, enabled=main)
     with signals, contextlib.closing(logbook), flush_denormals(device):
@@ -85,6 +84,7 @@ def pretrain(
             progress=Progress(enabled=show),
             monitors=pretraining_monitors(method, cfg, device),
             last_saved=None if point is None or point.weights_only else str(point.path),
+            run_record=record,
         )
         epoch_metrics = fit_with_memory_advice(loop, estimate)
     results = {"pretrain": epoch_metrics, **corrupt_report(guard)}
@@ -102,10 +102,32 @@ def finished(cfg: Config, state: TrainState) -> bool:
     )
 
 
-def already_finished(run_dir: RunDir, state: TrainState) -> dict[str, Any]:
-    """A re-run of a finished run: no step, no log, no file rewritten; its saved results."""
-    if distributed.is_main_process():
+def complete_outputs(
+    method: Method,
+    cfg: Config,
+    run_dir: RunDir,
+    state: TrainState,
+    *,
+    device: torch.device,
+    progress: bool,
+) -> dict[str, Any]:
+    """A re-run of a finished run: a no-op (no step, no log, no file rewritten) when its outputs
+    exist; else what a kill during the export or the final evaluation left unwritten, made now
+    from the last checkpoint. Returns the run's saved results."""
+    main = distributed.is_main_process()
+    missing = run_dir.missing_outputs(final_evaluation=cfg.eval.final) if main else []
+    if main and not missing:
         console(f"{run_dir.path} already finished at step {state.global_step}: nothing to do")
+    elif main:
+        console(
+            f"{run_dir.path} finished training at step {state.global_step}; writing what is "
+            f"missing: {', '.join(path.name for path in missing)}"
+        )
+        run_dir.remove_stale_temps()
+        results = {"pretrain": run_dir.last_epoch_record()}
+        export_and_evaluate(
+            method, cfg, run_dir, results, device=device, progress=progress, only=missing
+        )
     distributed.barrier()
     saved = run_dir.metrics
     return dict(json.loads(saved.read_text())) if saved.is_file() else {}
@@ -176,9 +198,12 @@ def export_and_evaluate(
     *,
     device: torch.device,
     progress: bool,
+    only: Sequence[Path] | None = None,
 ) -> None:
-    """Write ``backbone.safetensors``; with ``eval.final``, evaluate into ``metrics.json``."""
-    checkpoint.export_backbone(method.backbone.state_dict(), run_dir.backbone)
-    if cfg.eval.final:
+    """Write ``backbone.safetensors``; with ``eval.final``, evaluate into ``metrics.json``
+    (``only``: just those of the two files)."""
+    if only is None or run_dir.backbone in only:
+        checkpoint.export_backbone(method.backbone.state_dict(), run_dir.backbone)
+    if cfg.eval.final and (only is None or run_dir.metrics in only):
         results.update(final_evaluation(method, cfg, device=device, progress=progress))
         write_metrics(run_dir.metrics, results)

@@ -64,14 +64,7 @@ def check_output_dir(run_dir: RunDir, *, resume: bool, overwrite: bool) -> Path 
     """Refuse to mix two runs in one directory; return the checkpoint to resume from, if any."""
     out_dir = run_dir.path
     if resume:
-        # The newest checkpoint that loads and validates (a damaged latest one is skipped).
-        found = checkpoint.latest_valid_checkpoint(out_dir, required_keys=CHECKPOINT_KEYS)
-        if found is None:
-            raise FileNotFoundError(
-                f"--resume given but {out_dir} holds no valid checkpoint; drop --resume to start "
-                "a new run"
-            )
-        return found
+        return resume_checkpoint(run_dir)
     if run_dir.holds_a_run() and not overwrite:
         raise FileExistsError(
             f"{out_dir} already holds a run; pass --resume to continue it, --overwrite to replace "
@@ -83,6 +76,31 @@ def check_output_dir(run_dir: RunDir, *, resume: bool, overwrite: bool) -> Path 
         for snapshot in out_dir.glob("checkpoint-step*.pt"):
             snapshot.unlink()
     return None
+
+
+def resume_checkpoint(run_dir: RunDir) -> Path | None:
+    """``--resume``: the newest checkpoint in ``run_dir`` that loads and validates (a damaged
+    latest one is skipped, with a warning), or None to start afresh in an existing directory
+    that holds no checkpoint at all (a run that died before its first one: the same command
+    serves the first launch and a requeued restart). A missing directory is an error (a
+    mistyped ``--out`` must not start a new run), and so is one whose checkpoints are all
+    damaged (nothing is overwritten)."""
+    out_dir = run_dir.path
+    if not out_dir.is_dir():
+        raise FileNotFoundError(
+            f"--resume given but {out_dir} does not exist; check --out, or drop --resume to "
+            "start a new run there"
+        )
+    found = checkpoint.latest_valid_checkpoint(out_dir, required_keys=CHECKPOINT_KEYS)
+    if found is None and run_dir.checkpoints():
+        raise FileNotFoundError(
+            f"--resume given but {out_dir} holds no valid checkpoint (every one is damaged: "
+            f"{', '.join(p.name for p in run_dir.checkpoints())}); move them aside to start a "
+            "new run there, or choose another --out"
+        )
+    if found is None:
+        console(f"--resume: {out_dir} holds no checkpoint yet; starting the run from the beginning")
+    return found
 
 
 # What shapes the model, the data order or the schedule: a run resumes only when these agree.

@@ -1,0 +1,205 @@
+"""The run directory is never lost: one command for the first launch and a requeued restart, a
+failed attempt that leaves config.json as its checkpoint wrote it, and the last mile (export,
+final evaluation) completed by --resume after a kill."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from barlow import checkpoint
+from barlow.cli import main
+from barlow.config import Config, load_config
+from barlow.methods import BarlowTwins
+from barlow.training import CHECKPOINT_NAME, pretrain
+from runs import sets, weights
+
+FAST = [
+    'method.projector="16-16"',
+    "train.batch_size=128",
+    "train.epochs=1",
+    "optim.warmup_epochs=1",
+    "eval.online_knn_every=0",
+    "eval.final=false",
+    'data.augment_on="device"',
+]
+EVALUATED = [
+    *(o for o in FAST if not o.startswith("eval.final")),
+    "eval.final=true",
+    "eval.baselines=false",
+    "eval.probe_epochs=5",
+]
+TIMINGS = ("epoch_time_s", "images_per_s", "peak_memory_mib", "knn_time_s")
+
+
+def fast(*extra: str) -> Config:
+    return load_config("digits", [*FAST, *extra])
+
+
+# Item 4: --resume on an existing directory without a checkpoint starts the run, saying so.
+
+
+def test_resume_in_an_empty_directory_starts_the_run_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pretrain(fast("train.max_steps=3"), tmp_path / "plain", progress=False)
+    (tmp_path / "requeued").mkdir()
+    pretrain(fast("train.max_steps=3"), tmp_path / "requeued", resume=True, progress=False)
+    assert "holds no checkpoint yet; starting the run from the beginning" in capsys.readouterr().err
+    plain, requeued = weights(tmp_path / "plain"), weights(tmp_path / "requeued")
+    assert all(torch.equal(plain[k], requeued[k]) for k in plain)
+
+
+def test_resume_after_a_death_before_the_first_checkpoint_starts_the_run(tmp_path: Path) -> None:
+    """The directory of a run killed before its first checkpoint: config.json and a log, no
+    checkpoint. The same command with --resume (a requeue) runs it; without, it is refused."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": fast().to_dict()}))
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 9.0}\n')
+    args = ["pretrain", "--quiet", "--out", str(run), *sets(*FAST, "train.max_steps=2")]
+    assert main(args) == 2  # without --resume: "already holds a run"
+    assert main([*args, "--resume"]) == 0
+    assert checkpoint.load_checkpoint(run / CHECKPOINT_NAME)["global_step"] == 2
+
+
+def test_resume_of_damaged_checkpoints_only_is_refused_and_touches_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    (tmp_path / "config.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    args = ["pretrain", "--quiet", "--out", str(tmp_path), "--resume", *sets(*FAST)]
+    with pytest.warns(RuntimeWarning, match="skipping checkpoint: cannot read checkpoint"):
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds no valid checkpoint (every one is damaged: checkpoint.pt)" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+# Item 5: a diverging resume skips within its budget, else stops naming the step and the last
+# checkpoint (exit 1), and config.json stays the one of the run that wrote that checkpoint.
+
+
+def test_a_diverging_resume_leaves_config_json_as_the_checkpoint_wrote_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["pretrain", "--quiet", "--out", str(tmp_path), *sets(*FAST)]
+    assert main([*args, *sets("train.max_steps=2")]) == 0
+    kept = {name: (tmp_path / name).read_bytes() for name in ("config.json", CHECKPOINT_NAME)}
+    forward = BarlowTwins.forward
+
+    def diverged(self: BarlowTwins, views: list[torch.Tensor]) -> Any:
+        views = [v.clone() for v in views]
+        views[0][0, 0, 0, 0] = float("inf")  # what a learning rate of 1e4 does to the weights
+        return forward(self, views)
+
+    monkeypatch.setattr(BarlowTwins, "forward", diverged)
+    capsys.readouterr()
+    code = main([*args, "--resume", *sets("optim.lr=10000.0", "train.max_steps=4")])
+    err = capsys.readouterr().err
+    assert code == 1, err  # the run failed (not "bad input", 2): the loss's check did not raise
+    assert "at step 2 (epoch 1)" in err and f"last good checkpoint: {tmp_path}" in err
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+    assert json.loads(kept["config.json"])["config"]["optim"]["lr"] != 10000.0
+
+
+def test_config_json_follows_the_checkpoint_of_a_resumed_run(tmp_path: Path) -> None:
+    pretrain(fast("train.max_steps=2"), tmp_path, progress=False)
+    pretrain(fast("train.max_steps=4", "optim.lr=0.3"), tmp_path, resume=True, progress=False)
+    saved = checkpoint.load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    record = json.loads((tmp_path / "config.json").read_text())
+    assert saved["global_step"] == 4 and record["config"] == saved["config"]
+    assert record["config"]["optim"]["lr"] == 0.3
+
+
+# Item 3: a run is finished when its outputs exist; --resume writes whatever a kill left out.
+
+
+def comparable(metrics: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json without the wall-clock fields (they differ between any two runs)."""
+    pretrain_part = {k: v for k, v in metrics["pretrain"].items() if k not in TIMINGS}
+    return {**metrics, "pretrain": pretrain_part}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("uninterrupted")
+    pretrain(load_config("digits", [*EVALUATED, "train.max_steps=4"]), run, progress=False)
+    return run
+
+
+def test_a_run_killed_in_its_final_evaluation_is_completed_by_resume(
+    tmp_path: Path, uninterrupted: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = importlib.import_module("barlow.training.pretrain")  # the package exports pretrain()
+
+    cfg = load_config("digits", [*EVALUATED, "train.max_steps=4"])
+
+    def killed(*args: Any, **kwargs: Any) -> Any:
+        (tmp_path / ".metrics.json.x1y2.tmp").write_text("{")  # a write cut short
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "final_evaluation", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, tmp_path, progress=False)
+    assert (tmp_path / "backbone.safetensors").exists() and not (tmp_path / "metrics.json").exists()
+    monkeypatch.undo()
+    result = pretrain(cfg, tmp_path, resume=True, progress=False)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    expected = json.loads((uninterrupted / "metrics.json").read_text())
+    assert comparable(written) == comparable(expected) and comparable(result) == comparable(written)
+    assert not list(tmp_path.glob(".*.tmp"))
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    pretrain(cfg, tmp_path, resume=True, progress=False)  # complete now: a no-op
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def kill_when(run: Path, path: Path, delay_s: float, overrides: list[str]) -> bool:
+    """Start ``barlow pretrain`` into ``run``, SIGKILL it ``delay_s`` after ``path`` appears;
+    whether it was still running then with ``metrics.json`` not yet written."""
+    argv = [sys.executable, "-m", "barlow", "pretrain", "--quiet", "--out", str(run), *overrides]
+    proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not path.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    time.sleep(delay_s)
+    cut_short = proc.poll() is None and not (run / "metrics.json").exists()
+    proc.kill()
+    proc.wait()
+    return cut_short
+
+
+def test_sigkill_after_the_last_checkpoint_then_resume_gives_the_uninterrupted_outputs(
+    tmp_path: Path, uninterrupted: Path
+) -> None:
+    """A real process killed (SIGKILL) after its last checkpoint was written: as the checkpoint
+    appears, as the backbone appears (in the final evaluation), and at random moments after
+    (``BARLOW_KILL_TRIALS``, default 2). --resume writes the same metrics.json (but its timings)
+    and the same backbone.safetensors, byte for byte, and no temp file is left."""
+    overrides = sets(*EVALUATED, "train.max_steps=4")
+    rng = random.Random(0)
+    trials = [("checkpoint.pt", 0.0), ("backbone.safetensors", 0.0)]
+    trials += [("checkpoint.pt", rng.uniform(0.0, 1.0))
+               for _ in range(int(os.environ.get("BARLOW_KILL_TRIALS", "2")))]  # fmt: skip
+    for n, (name, delay) in enumerate(trials):
+        run = tmp_path / f"trial{n}"
+        cut_short = kill_when(run, run / name, delay, overrides)
+        assert cut_short or delay > 0, f"trial {n}: the kill came after the run had finished"
+        assert main(["pretrain", "--quiet", "--out", str(run), "--resume", *overrides]) == 0
+        written = json.loads((run / "metrics.json").read_text())
+        expected = json.loads((uninterrupted / "metrics.json").read_text())
+        assert comparable(written) == comparable(expected), n
+        backbone = (run / "backbone.safetensors").read_bytes()
+        assert backbone == (uninterrupted / "backbone.safetensors").read_bytes(), n
+        assert not list(run.glob(".*.tmp")), n
