@@ -203,3 +203,10 @@ def test_sigkill_after_the_last_checkpoint_then_resume_gives_the_uninterrupted_o
         backbone = (run / "backbone.safetensors").read_bytes()
         assert backbone == (uninterrupted / "backbone.safetensors").read_bytes(), n
         assert not list(run.glob(".*.tmp")), n
+
+
+def test_every_output_of_a_run_gets_the_same_file_mode(uninterrupted: Path) -> None:
+    """Item 13: metrics.json was written 0600 while the other files were 0644 (the umask's)."""
+    names = ("config.json", "metrics.json", "backbone.safetensors", CHECKPOINT_NAME)
+    modes = {name: (uninterrupted / name).stat().st_mode & 0o777 for name in names}
+    assert len(set(modes.values())) == 1, modes
