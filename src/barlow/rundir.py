@@ -19,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import tempfile
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -31,6 +33,11 @@ METRICS_NAME = "metrics.json"
 CHECKPOINT_NAME = "checkpoint.pt"
 BACKBONE_NAME = "backbone.safetensors"
 TENSORBOARD_NAME = "tensorboard"
+LOCK_NAME = ".lock"  # held (flock) by the process training into the directory
+
+
+class RunInUseError(FileExistsError):
+    """Another live process holds the run directory's lock."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +114,51 @@ class RunDir:
     def write_config(self, record: Mapping[str, Any]) -> None:
         """``config.json``, atomically (a reader never sees half of it)."""
         atomic_write_text(self.config, json.dumps(record, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: RunDir) -> Iterator[None]:
+    """Hold the run directory's lock while training into it; refuse at once, naming the holder
+    (PID, host, start), when another process holds it.
+
+    An advisory ``flock`` on ``.lock``: the kernel (or the NFS server, when the holder's lease
+    expires) releases it when the holder dies, even by SIGKILL, so a dead run never blocks
+    ``--resume``. The file stays behind, holding the last holder's name; a directory this call
+    created for a run that failed before writing anything is removed again. Where ``fcntl``
+    does not exist (Windows) there is no lock.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    created = not run_dir.path.exists()
+    run_dir.path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown"
+            raise RunInUseError(
+                f"{run_dir.path} is in use by another barlow run ({holder}); wait for it to "
+                "end (or stop it), or choose another --out"
+            ) from None
+        started = time.strftime("%Y-%m-%d %H:%M:%S")
+        holder = f"pid {os.getpid()} on {socket.gethostname()}, since {started}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder.encode(), 0)
+        try:
+            yield
+        except BaseException:
+            if created and os.listdir(run_dir.path) == [LOCK_NAME]:
+                # a run refused before writing anything leaves no directory behind
+                with contextlib.suppress(OSError):
+                    (run_dir.path / LOCK_NAME).unlink()
+                    run_dir.path.rmdir()
+            raise
+    finally:
+        os.close(fd)  # closing releases the flock
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object], *, suffix: str = ".tmp") -> None:

@@ -21,6 +21,7 @@ from barlow import checkpoint
 from barlow.cli import main
 from barlow.config import Config, load_config
 from barlow.methods import BarlowTwins
+from barlow.rundir import LOCK_NAME, RunDir, run_lock
 from barlow.training import CHECKPOINT_NAME, pretrain
 from runs import sets, weights
 
@@ -40,6 +41,15 @@ EVALUATED = [
     "eval.probe_epochs=5",
 ]
 TIMINGS = ("epoch_time_s", "images_per_s", "peak_memory_mib", "knn_time_s")
+
+
+def outputs(run: Path) -> list[Path]:
+    """Every file of a run but its lock (which names the last process to hold it)."""
+    return [p for p in run.rglob("*") if p.is_file() and p.name != LOCK_NAME]
+
+
+def contents(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in outputs(run)}
 
 
 def fast(*extra: str) -> Config:
@@ -78,13 +88,13 @@ def test_resume_of_damaged_checkpoints_only_is_refused_and_touches_nothing(
 ) -> None:
     (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
     (tmp_path / "config.json").write_text("{}")
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    before = contents(tmp_path)
     args = ["pretrain", "--quiet", "--out", str(tmp_path), "--resume", *sets(*FAST)]
     with pytest.warns(RuntimeWarning, match="skipping checkpoint: cannot read checkpoint"):
         assert main(args) == 2
     err = capsys.readouterr().err
     assert "holds no valid checkpoint (every one is damaged: checkpoint.pt)" in err
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert contents(tmp_path) == before
 
 
 # Item 5: a diverging resume skips within its budget, else stops naming the step and the last
@@ -160,9 +170,9 @@ def test_a_run_killed_in_its_final_evaluation_is_completed_by_resume(
     expected = json.loads((uninterrupted / "metrics.json").read_text())
     assert comparable(written) == comparable(expected) and comparable(result) == comparable(written)
     assert not list(tmp_path.glob(".*.tmp"))
-    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    before = {p: p.stat().st_mtime_ns for p in outputs(tmp_path)}
     pretrain(cfg, tmp_path, resume=True, progress=False)  # complete now: a no-op
-    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert {p: p.stat().st_mtime_ns for p in outputs(tmp_path)} == before
 
 
 def kill_when(run: Path, path: Path, delay_s: float, overrides: list[str]) -> bool:
@@ -210,3 +220,74 @@ def test_every_output_of_a_run_gets_the_same_file_mode(uninterrupted: Path) -> N
     names = ("config.json", "metrics.json", "backbone.safetensors", CHECKPOINT_NAME)
     modes = {name: (uninterrupted / name).stat().st_mode & 0o777 for name in names}
     assert len(set(modes.values())) == 1, modes
+
+
+# Item 2: one run per directory at a time; a dead holder does not block it.
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from barlow.rundir import RunDir, run_lock
+with run_lock(RunDir(Path(sys.argv[1]))):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_run_into_a_locked_directory_is_refused_naming_the_holder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["pretrain", "--quiet", "--out", str(tmp_path), *sets(*FAST, "train.max_steps=2")]
+    with run_lock(RunDir(tmp_path)):
+        assert main(args) == 2
+        assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"is in use by another barlow run (pid {os.getpid()} on ") == 2, err
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
+    assert main(args) == 0  # released: the directory is free again
+
+
+def test_a_lock_left_by_a_killed_process_does_not_block_resume(tmp_path: Path) -> None:
+    """The holder is SIGKILLed (``BARLOW_LOCK_TRIALS`` times, default 2): while it lives a run is
+    refused; once it is dead the same command (with --resume) runs."""
+    args = ["pretrain", "--quiet", "--out", str(tmp_path), *sets(*FAST)]
+    for trial in range(int(os.environ.get("BARLOW_LOCK_TRIALS", "2"))):
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        assert main([*args, "--resume", *sets(f"train.max_steps={2 + 2 * trial}")]) == 2
+        holder.kill()
+        holder.wait()
+        assert main([*args, "--resume", *sets(f"train.max_steps={2 + 2 * trial}")]) == 0
+        assert (
+            checkpoint.load_checkpoint(tmp_path / CHECKPOINT_NAME)["global_step"] == 2 + 2 * trial
+        )
+
+
+def test_two_runs_started_at_once_into_one_directory_do_not_mix(tmp_path: Path) -> None:
+    """Two real processes (seeds 1 and 2) into one --out: one is refused (exit 2, naming the
+    other), the other finishes; config.json, the checkpoint and every log line are the winner's."""
+    argv = [sys.executable, "-m", "barlow", "pretrain", "--quiet", "--out", str(tmp_path)]
+    runs = [
+        subprocess.Popen(
+            [*argv, *sets(*FAST, "train.max_steps=3", "train.log_every=1", f"train.seed={seed}")],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2)
+    ]
+    results = [(run.wait(timeout=600), run.stderr.read() if run.stderr else "") for run in runs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for code, err in results if code == 2)
+    assert "is in use by another barlow run (pid " in loser
+    winner_seed = 1 if results[0][0] == 0 else 2
+    record = json.loads((tmp_path / "config.json").read_text())
+    assert record["config"]["train"]["seed"] == winner_seed
+    saved = checkpoint.load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert saved["config"]["train"]["seed"] == winner_seed and saved["global_step"] == 3
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # one run's records

@@ -30,6 +30,7 @@ from barlow.cli import main
 from barlow.config import load_config
 from barlow.methods import BarlowTwins
 from barlow.preemption import EXIT_CODE, requeue_slurm_job
+from barlow.rundir import LOCK_NAME
 from barlow.training import CHECKPOINT_NAME, NonFiniteLossError, pretrain
 from barlow.training.state import validate_training_checkpoint
 from comparisons import same
@@ -49,11 +50,12 @@ STEPS_PER_EPOCH = 1437 // 128  # 11
 
 
 def file_hashes(run: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``run`` (TensorBoard's included), by relative path."""
+    """SHA-256 of every file under ``run`` (TensorBoard's included), by relative path; not the
+    lock file, which names whichever process last held the directory."""
     return {
         str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(run.rglob("*"))
-        if p.is_file()
+        if p.is_file() and p.name != LOCK_NAME
     }
 
 

@@ -20,7 +20,7 @@ from barlow.health import embedding_health
 from barlow.logbook import Logbook, Progress, console
 from barlow.methods import Method
 from barlow.preemption import PreemptionSignals
-from barlow.rundir import RunDir
+from barlow.rundir import RunDir, run_lock
 from barlow.training import resume as resuming
 from barlow.training.guard import StepGuard
 from barlow.training.loop import EpochMonitor, TrainingLoop
@@ -43,9 +43,27 @@ def pretrain(
     Writes ``config.json``, ``metrics.jsonl`` (a record per logged step and per epoch),
     ``tensorboard/``, ``checkpoint.pt`` (atomically, every ``checkpoint_every`` epochs and at the
     end), ``backbone.safetensors`` and, when the data is labelled, ``metrics.json`` with the final
-    kNN / linear accuracy. Returns the final metrics.
+    kNN / linear accuracy. Returns the final metrics. The main process holds the directory's
+    lock (``rundir.run_lock``) throughout: a second run into it is refused at once.
     """
     run_dir, device = RunDir(Path(out_dir)), init_device(cfg)
+    main = distributed.is_main_process()
+    if main and resume:
+        resuming.check_resume_target(run_dir)  # before the lock creates the directory
+    with run_lock(run_dir) if main else contextlib.nullcontext():
+        return run_pretraining(cfg, run_dir, device, resume, overwrite, argv, progress)
+
+
+def run_pretraining(
+    cfg: Config,
+    run_dir: RunDir,
+    device: torch.device,
+    resume: bool,
+    overwrite: bool,
+    argv: Sequence[str] | None,
+    progress: bool | None,
+) -> dict[str, Any]:
+    """:func:`pretrain` once its run directory is locked (on the main process)."""
     main = distributed.is_main_process()
     point = resuming.find_resume_point(run_dir, cfg, resume=resume, overwrite=overwrite)
     run, estimate = build_pretraining_run(cfg, device, point, run_dir)

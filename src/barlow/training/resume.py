@@ -78,6 +78,16 @@ def check_output_dir(run_dir: RunDir, *, resume: bool, overwrite: bool) -> Path 
     return None
 
 
+def check_resume_target(run_dir: RunDir) -> None:
+    """``--resume`` into a directory that does not exist is an error: a mistyped ``--out``
+    must not start a new run."""
+    if not run_dir.path.is_dir():
+        raise FileNotFoundError(
+            f"--resume given but {run_dir.path} does not exist; check --out, or drop --resume "
+            "to start a new run there"
+        )
+
+
 def resume_checkpoint(run_dir: RunDir) -> Path | None:
     """``--resume``: the newest checkpoint in ``run_dir`` that loads and validates (a damaged
     latest one is skipped, with a warning), or None to start afresh in an existing directory
@@ -86,11 +96,7 @@ def resume_checkpoint(run_dir: RunDir) -> Path | None:
     mistyped ``--out`` must not start a new run), and so is one whose checkpoints are all
     damaged (nothing is overwritten)."""
     out_dir = run_dir.path
-    if not out_dir.is_dir():
-        raise FileNotFoundError(
-            f"--resume given but {out_dir} does not exist; check --out, or drop --resume to "
-            "start a new run there"
-        )
+    check_resume_target(run_dir)
     found = checkpoint.latest_valid_checkpoint(out_dir, required_keys=CHECKPOINT_KEYS)
     if found is None and run_dir.checkpoints():
         raise FileNotFoundError(
