@@ -23,17 +23,8 @@ from barlow.config import Config, load_config
 from barlow.methods import BarlowTwins
 from barlow.rundir import LOCK_NAME, RunDir, run_lock
 from barlow.training import CHECKPOINT_NAME, pretrain
-from runs import sets, weights
+from runs import FAST, sets, weights
 
-FAST = [
-    'method.projector="16-16"',
-    "train.batch_size=128",
-    "train.epochs=1",
-    "optim.warmup_epochs=1",
-    "eval.online_knn_every=0",
-    "eval.final=false",
-    'data.augment_on="device"',
-]
 EVALUATED = [
     *(o for o in FAST if not o.startswith("eval.final")),
     "eval.final=true",

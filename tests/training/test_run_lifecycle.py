@@ -35,17 +35,8 @@ from barlow.training import CHECKPOINT_NAME, NonFiniteLossError, pretrain
 from barlow.training.state import validate_training_checkpoint
 from comparisons import same
 from processes import pretrain_on_two_processes
-from runs import records, sets
+from runs import FAST, records, sets
 
-FAST = [
-    'method.projector="16-16"',
-    "train.batch_size=128",
-    "train.epochs=1",
-    "optim.warmup_epochs=1",
-    "eval.online_knn_every=0",
-    "eval.final=false",
-    'data.augment_on="device"',
-]
 STEPS_PER_EPOCH = 1437 // 128  # 11
 
 
