@@ -23,7 +23,7 @@ from barlow.training import CHECKPOINT_NAME, pretrain
 from barlow.training.epoch_data import EpochOrder, ViewDataset, sample_seed
 from comparisons import assert_identical
 from processes import pretrain_on_two_processes
-from runs import sets, weights
+from runs import records, sets, weights
 
 TINY = [
     'method.projector="32-32"',
@@ -268,3 +268,24 @@ def test_load_weights_only_into_another_method() -> None:
     resnet = build_method(tiny('model.backbone="resnet18"'))
     with pytest.raises(ValueError, match="weights do not fit"):
         load_weights_only(resnet, source)
+
+
+def test_a_mid_epoch_resume_stops_at_max_steps_and_logs_what_an_uninterrupted_run_logs(
+    tmp_path: Path,
+) -> None:
+    """Resumed at batch 5, the run still knows the epoch has 22 batches: it stops at
+    ``train.max_steps=8`` inside the epoch, and its per-step records (epoch fraction, loss)
+    equal the uninterrupted run's. (Counting the epoch from the loader, which after a resume
+    holds only the batches left, ran it to the epoch's end and logged wrong fractions.)"""
+    logged = ("train.log_every=1", 'data.augment_on="device"')
+    pretrain(tiny(*logged, "train.max_steps=8"), tmp_path / "straight", progress=False)
+    pretrain(tiny(*logged, "train.max_steps=5"), tmp_path / "split", progress=False)
+    pretrain(tiny(*logged, "train.max_steps=8"), tmp_path / "split", resume=True, progress=False)
+    saved = checkpoint.load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)
+    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (0, 8, 8)
+
+    def steps(run: Path) -> list[tuple[int, float, float]]:
+        return [(r["step"], r["epoch"], r["loss"]) for r in records(run, "train")]
+
+    assert steps(tmp_path / "split") == steps(tmp_path / "straight")
+    assert [s for s, _, _ in steps(tmp_path / "straight")] == list(range(1, 9))

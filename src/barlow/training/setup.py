@@ -161,7 +161,8 @@ class Run:
 
     @property
     def steps_per_epoch(self) -> int:
-        return len(self.loader)
+        """Batches in a whole epoch (``len(loader)`` counts only those left after a resume)."""
+        return self.order.batches
 
 
 @dataclass(frozen=True)
@@ -283,7 +284,7 @@ def assemble_run(
         optimizer=build_optimizer_for(cfg, module),
         scaler=torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16),
         precision=precision,
-        schedule=Schedule.from_config(cfg, len(loader)),
+        schedule=Schedule.from_config(cfg, order.batches),
         loader=loader,
         order=order,
         prepare=prepare,
