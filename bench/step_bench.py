@@ -60,7 +60,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from barlow import data
 from barlow.augment import MultiView, ViewSpec
-from barlow.compute import Precision, flush_denormals, uses_channels_last
+from barlow.compute import flush_denormals, uses_channels_last
 from barlow.config import Config, load_config
 from barlow.encoder import build_method, crop_size
 from barlow.logbook import Logbook, Progress
@@ -73,11 +73,8 @@ from barlow.training.loop import TrainingLoop
 from barlow.training.setup import (
     PretrainingData,
     Schedule,
-    assemble_run,
-    check_views,
+    build_pretraining_run,
     pretraining_data,
-    pretraining_loader,
-    view_preparer,
 )
 from barlow.training.state import TrainState
 from machine import command_line, cpu_name, emit_report, have_lightly, lightly_version
@@ -150,24 +147,18 @@ def pretraining_source(cfg: Config, images: data.TensorImages) -> PretrainingDat
 
 
 class LibraryStep:
-    """``barlow pretrain``'s step in one CPU process: the library's own :class:`Run`, built as
-    ``build_pretraining_run`` builds it over the bench's images, stepped by
+    """``barlow pretrain``'s step in one CPU process: the library's own :class:`Run`, built by
+    ``build_pretraining_run`` over the bench's images (its banner goes to stderr), stepped by
     ``TrainingLoop.step`` on the loader's batches in ``run.order``, as ``run_epoch`` walks them.
 
     Left out, because they cost nothing measurable per step: what ``run_epoch`` does around the
-    step (the JSON-lines record every 20 steps, the progress bar); and the memory preflight and
-    banner of ``build_pretraining_run``, before training.
+    step (the JSON-lines record every 20 steps, the progress bar).
     """
 
     def __init__(self, cfg: Config, images: data.TensorImages, run_dir: RunDir) -> None:
-        torch.manual_seed(cfg.train.seed)  # as pretraining: the same initial weights
-        source = pretraining_source(cfg, images)
-        loader, order = pretraining_loader(cfg, source, CPU)
-        method = build_method(cfg).to(CPU)
-        check_views(method, source, cfg)
-        precision = Precision.resolve(cfg.train.precision, CPU)
+        self.run, _ = build_pretraining_run(cfg, CPU, None, run_dir, dataset=images)
         self.channels_last = uses_channels_last(cfg.train.channels_last, CPU)
-        views = view_preparer(source.device_views, CPU, self.channels_last)
+        views = self.run.prepare
         self.views_ready = 0.0
 
         def prepare(inputs: Any, epoch: int, batch: int) -> Any:
@@ -175,16 +166,7 @@ class LibraryStep:
             self.views_ready = time.perf_counter()  # the "until views ready" column
             return prepared
 
-        self.run = assemble_run(
-            cfg,
-            device=CPU,
-            module=method,
-            loader=loader,
-            order=order,
-            prepare=prepare,
-            precision=precision,
-            channels_last=self.channels_last,
-        )
+        self.run.prepare = prepare
         guard = StepGuard(
             skip_nonfinite=0,
             skip_corrupt=False,

@@ -74,9 +74,7 @@ class TrainingLoop:
         return metrics
 
     def finished(self) -> bool:
-        max_steps = self.train.max_steps
-        over = max_steps is not None and self.state.global_step >= max_steps
-        return self.state.epoch >= self.train.epochs or over
+        return self.state.finished(self.train.epochs, self.train.max_steps)
 
     def run_epoch(self, epoch: int) -> bool:
         """Train one epoch from ``state.step_in_epoch``; False when stopped before its end."""

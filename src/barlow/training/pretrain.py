@@ -84,7 +84,9 @@ def run_pretraining(
                 f"step {state.global_step}"
             )
     show = main and (progress if progress is not None else True)
-    if finished(cfg, state):  # a re-run: completes what a kill left unwritten, else a no-op
+    if state.finished(
+        cfg.train.epochs, cfg.train.max_steps
+    ):  # a re-run: completes what a kill left unwritten, else a no-op
         return complete_outputs(method, cfg, run_dir, state, device=device, progress=show)
     record = {"config": cfg.to_dict(), "argv": list(argv or sys.argv), "version": __version__}
     if main and state.global_step == 0:  # a resume rewrites it with its first checkpoint
@@ -110,14 +112,6 @@ def run_pretraining(
         export_and_evaluate(method, cfg, run_dir, results, device=device, progress=show)
     distributed.barrier()
     return results
-
-
-def finished(cfg: Config, state: TrainState) -> bool:
-    """Whether a run at ``state`` has nothing left to train."""
-    max_steps = cfg.train.max_steps
-    return state.epoch >= cfg.train.epochs or (
-        max_steps is not None and state.global_step >= max_steps
-    )
 
 
 def complete_outputs(

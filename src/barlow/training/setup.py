@@ -292,12 +292,17 @@ def assemble_run(
 
 
 def build_pretraining_run(
-    cfg: Config, device: torch.device, point: ResumePoint | None, run_dir: RunDir
+    cfg: Config,
+    device: torch.device,
+    point: ResumePoint | None,
+    run_dir: RunDir,
+    dataset: Dataset[Any] | None = None,
 ) -> tuple[Run, MemoryEstimate]:
-    """The self-supervised :class:`Run` of ``cfg`` (a weights-only resume point's weights
-    loaded into the fresh method), and its memory preflight estimate."""
+    """The self-supervised :class:`Run` of ``cfg`` over ``dataset`` (default: the config's),
+    a weights-only resume point's weights loaded into the fresh method; and its memory
+    preflight estimate."""
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    source = pretraining_data(cfg, device)
+    source = pretraining_data(cfg, device, dataset)
     loader, order = pretraining_loader(cfg, source, device)
     method = build_method(cfg)
     world = distributed.world_size()

@@ -65,6 +65,10 @@ class TrainState:
             "rng": rngs,
         }
 
+    def finished(self, epochs: int, max_steps: int | None) -> bool:
+        """Whether nothing is left to train: ``epochs`` done, or ``max_steps`` steps taken."""
+        return self.epoch >= epochs or (max_steps is not None and self.global_step >= max_steps)
+
     @classmethod
     def from_checkpoint(
         cls,
