@@ -7,6 +7,7 @@ import random
 import re
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -247,8 +248,7 @@ def test_load_backbone_weights_counts_and_prefix_hint():
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
 def test_export_backbone_round_trip(tmp_path, suffix):
-    if suffix == ".safetensors":
-        pytest.importorskip("safetensors")
+    # safetensors is a required dependency: a broken install fails here, it is not skipped
     backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     path = tmp_path / f"backbone{suffix}"
     export_backbone(backbone.state_dict(), path)
@@ -258,6 +258,17 @@ def test_export_backbone_round_trip(tmp_path, suffix):
     load_backbone_weights(fresh, weights)
     for a, b in zip(backbone.state_dict().values(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_missing_safetensors_fails_the_export_instead_of_skipping(tmp_path, monkeypatch):
+    """The broken install the round trip above used to skip (importorskip): now an error that
+    names the package."""
+    for name in ("safetensors", "safetensors.torch"):
+        monkeypatch.setitem(sys.modules, name, None)  # import raises ImportError
+    with pytest.raises(ImportError, match="needs the safetensors package"):
+        export_backbone({"w": torch.ones(2)}, tmp_path / "backbone.safetensors")
+    with pytest.raises(pytest.skip.Exception):
+        pytest.importorskip("safetensors")  # what the old check did with it: a skip
 
 
 def test_export_backbone_refuses_non_finite(tmp_path):
@@ -434,7 +445,7 @@ def test_retain_keeps_the_last_k_and_a_failed_save_deletes_nothing(tmp_path, mon
     )
     for step in (4, 5):
         assert load_checkpoint(tmp_path / snapshot_name(step))["global_step"] == step
-    assert os.path.samefile(latest, tmp_path / snapshot_name(5))  # a hard link, not a copy
+    assert not os.path.samefile(latest, tmp_path / snapshot_name(5))  # a copy, not a hard link
     before = {name: digest(tmp_path / name) for name in os.listdir(tmp_path)}
     _disk_fills_after(monkeypatch, 100)
     with pytest.raises((OSError, RuntimeError)):  # torch's zip writer may rewrap the OSError
@@ -478,18 +489,22 @@ def test_retain_zero_keeps_only_the_latest(tmp_path):
             retain(tmp_path, keep_last=bad, required_keys=CHECKPOINT_KEYS)
 
 
-def test_retain_copies_where_hard_links_fail(tmp_path, monkeypatch):
-    save_checkpoint(train_state(7), tmp_path / "checkpoint.pt")
-
-    def no_links(source, target):
-        raise OSError(errno.EPERM, "hard links not supported")
-
-    monkeypatch.setattr(os, "link", no_links)
+def test_damage_written_into_checkpoint_pt_in_place_leaves_its_snapshot_whole(tmp_path):
+    """Item 13 of the run-directory issue: the newest snapshot was a hard link of checkpoint.pt,
+    so bytes written into one in place (a ``cp other.pt checkpoint.pt``, a tool that edits
+    files) changed both."""
+    latest = tmp_path / "checkpoint.pt"
+    save_checkpoint(train_state(7), latest)
     retain(tmp_path, keep_last=1, required_keys=CHECKPOINT_KEYS)
     snapshot = tmp_path / snapshot_name(7)
-    assert not os.path.samefile(tmp_path / "checkpoint.pt", snapshot)
-    assert digest(snapshot) == digest(tmp_path / "checkpoint.pt")
-    assert sorted(os.listdir(tmp_path)) == sorted(["checkpoint.pt", snapshot.name])
+    before = digest(snapshot)
+    with open(latest, "r+b") as file:  # in place: same inode
+        file.seek(100)
+        file.write(b"\0" * 64)
+    assert digest(snapshot) == before
+    assert load_checkpoint(snapshot)["global_step"] == 7
+    with pytest.warns(RuntimeWarning, match="skipping checkpoint: cannot read checkpoint"):
+        assert latest_valid_checkpoint(tmp_path, required_keys=CHECKPOINT_KEYS) == snapshot
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,8 +584,17 @@ def test_the_current_format_version_has_a_committed_fixture():
     )
 
 
+def zero_momentum_after_loading(optimizer):
+    """Deliberately broken, for the negative case: the state comes back, the momentum zeroed."""
+    for slots in optimizer.state.values():
+        for value in slots.values():
+            if torch.is_tensor(value):
+                value.zero_()
+
+
 @pytest.mark.parametrize("path", COMMITTED, ids=lambda path: path.name)
-def test_committed_checkpoint_loads_and_trains_one_step(path, fixture_width):
+@pytest.mark.parametrize("load", ["load_state_dict", "broken: zero momentum"])
+def test_committed_checkpoint_loads_and_trains_one_step(path, load, fixture_width):
     from barlow.assessment import load_pretrained
     from barlow.optim import build_optimizer
 
@@ -585,8 +609,18 @@ def test_committed_checkpoint_loads_and_trains_one_step(path, fixture_width):
         momentum=cfg.optim.momentum,
         eta=cfg.optim.eta,
     )
+    saved = {
+        i: slots["momentum_buffer"].clone() for i, slots in state["optimizer"]["state"].items()
+    }
+    assert saved and all(v.abs().sum() > 0 for v in saved.values())  # real momentum in the file
     optimizer.load_state_dict(state["optimizer"])
-    assert optimizer.state, "the momentum buffers came back"
+    if load != "load_state_dict":
+        zero_momentum_after_loading(optimizer)
+    assert optimizer.state, "the optimizer state came back"  # the old check
+    restored = optimizer.state_dict()["state"]
+    assert restored.keys() == saved.keys()
+    same = all(torch.equal(v, restored[i]["momentum_buffer"]) for i, v in saved.items())
+    assert same == (load == "load_state_dict"), "the momentum buffers came back exactly"
     set_rng_state(state["rng"][0])
     before = {k: v.clone() for k, v in method.state_dict().items()}
     views = [torch.rand(16, 1, 16, 16) for _ in range(method.num_views)]

@@ -193,7 +193,10 @@ def test_misspelt_recipe_suggests_the_closest() -> None:
 def test_recipe_values_outside_a_table_are_rejected(tmp_path: Path) -> None:
     path = tmp_path / "flat.toml"
     path.write_text("lr = 0.2\n")
-    with pytest.raises(ValueError, match="unknown config section"):
+    with pytest.raises(ValueError, match=r"outside any \[section\]; it belongs in \[optim\]"):
+        load_config(str(path))
+    path.write_text("nonsense = 1\n")
+    with pytest.raises(ValueError, match=r"top-level names are sections \(\[data\], "):
         load_config(str(path))
     path.write_text("optim = 0.2\n")
     with pytest.raises(ValueError, match=r"\[optim\] must be a table"):

@@ -272,14 +272,50 @@ def test_fashion_mnist_from_barlow_data(data_no_stores: Path) -> None:
 
 
 def test_fashion_mnist_missing_names_places_and_fixes(tmp_path: Path, data_no_stores: Path) -> None:
+    with pytest.raises(FileNotFoundError) as caught:
+        data.build_dataset("fashion-mnist")
+    message = str(caught.value)
+    assert str(data_no_stores / "fashion-mnist") in message and "no-debian" in message
+    assert "apt-get install dataset-fashion-mnist" in message and "--data-root" in message
+    assert "--set data.download=true" in message
+
+
+@pytest.fixture
+def system_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Fashion-MNIST (6 train, 4 test images) in the default store and the system copy."""
+    store = tmp_path / "store"
+    monkeypatch.setenv("BARLOW_DATA", str(store))
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "system")
+    write_fashion_mnist(tmp_path / "system")
+    write_fashion_mnist(store / "fashion-mnist")
+    return tmp_path / "system"
+
+
+def test_fashion_mnist_explicit_root_without_the_files_is_an_error(
+    tmp_path: Path, system_copies: Path
+) -> None:
+    """--data-root is never silently replaced by the store or the system copy."""
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError) as caught:
         data.build_dataset("fashion-mnist", root=empty)
     message = str(caught.value)
-    assert "apt-get install dataset-fashion-mnist" in message
-    assert str(empty) in message and "--data-root" in message
-    assert "--set data.download=true" in message
+    assert f"{empty} lacks train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz]" in message
+    assert "Point data.root at the folder that holds" in message and "leave it unset" in message
+    assert str(system_copies) in message and "--set data.download=true" in message
+    write_idx(empty / "t10k-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8))
+    with pytest.raises(FileNotFoundError, match=r"lacks t10k-labels-idx1-ubyte\[\.gz\]\ "):
+        data.build_dataset("fashion-mnist", split="test", root=empty)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'nowhere'} does not")):
+        data.build_dataset("fashion-mnist", root=tmp_path / "nowhere")
+
+
+def test_fashion_mnist_explicit_root_is_used_over_the_system_copy(
+    tmp_path: Path, system_copies: Path
+) -> None:
+    write_fashion_mnist(tmp_path / "mine", n_train=3, compress=False)
+    assert len(data.build_dataset("fashion-mnist", root=tmp_path / "mine")) == 3  # type: ignore[arg-type]
+    assert len(data.build_dataset("fashion-mnist")) == 6  # type: ignore[arg-type]
 
 
 def test_fashion_mnist_mismatched_files_are_an_error(tmp_path: Path, data_no_stores: Path) -> None:
@@ -608,13 +644,53 @@ def test_tiny_images_go_through_every_methods_views(tmp_path: Path) -> None:
             assert view.shape == (3, 32, 32) and torch.isfinite(view).all(), (name, recipe)
 
 
-def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".png", ".tiff"])
+def test_sixteen_bit_greyscale_is_scaled_not_clipped(tmp_path: Path, suffix: str) -> None:
     values = np.array([[0, 255, 256, 32768, 65535]], dtype=np.uint16)
-    Image.fromarray(values).save(tmp_path / "deep.png")
-    image = data.read_image(tmp_path / "deep.png")
+    Image.fromarray(values).save(tmp_path / f"deep{suffix}")
+    image = data.read_image(tmp_path / f"deep{suffix}")
     assert image.shape == (3, 1, 5)
     assert image[0, 0].tolist() == [0, 0, 1, 128, 255]
     assert torch.equal(image[0], image[2])
+
+
+def test_float_images_in_0_1_are_scaled_by_255(tmp_path: Path) -> None:
+    Image.fromarray(np.array([[0, 0.25, 0.5, 1]], np.float32)).save(tmp_path / "f.tiff")
+    with Image.open(tmp_path / "f.tiff") as image:
+        assert image.mode == "F"
+    image = data.read_image(tmp_path / "f.tiff")
+    assert image[0, 0].tolist() == [0, 64, 128, 255] and torch.equal(image[0], image[2])
+    assert data.read_image(tmp_path / "f.tiff", channels=1).shape == (1, 1, 4)
+
+
+def test_int32_images_holding_16_bit_values_are_read_as_16_bit(tmp_path: Path) -> None:
+    # how older Pillow opens a 16-bit PNG: mode "I"
+    Image.fromarray(np.array([[0, 256, 32768, 65535]], np.int32)).save(tmp_path / "i.tiff")
+    with Image.open(tmp_path / "i.tiff") as image:
+        assert image.mode == "I"
+    assert data.read_image(tmp_path / "i.tiff")[0, 0].tolist() == [0, 1, 128, 255]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.array([[0, 10, 500, 1000]], np.float32),  # not in [0, 1]: units unknown
+        np.array([[0, np.nan, 0.5, 1]], np.float32),
+        np.array([[100_000, 150_000, 2_000_000]], np.int32),  # 32-bit counts: was all 255
+        np.array([[-5, 0, 300]], np.int32),
+        np.array([[0, 17, 200, 255]], np.int32),  # 8-bit values stored wide: was all 0
+    ],
+)
+def test_deep_images_without_one_8_bit_reading_are_refused(
+    tmp_path: Path, values: np.ndarray
+) -> None:
+    path = tmp_path / "deep.tiff"
+    Image.fromarray(values).save(path)
+    mode = "F" if values.dtype == np.float32 else "I"
+    with pytest.raises(data.CorruptImageError, match=re.escape(f"{path} has PIL mode {mode} ")):
+        data.read_image(path)
+    with pytest.raises(data.CorruptImageError, match="convert it to an 8-bit PNG"):
+        data.read_image(path, channels=1)
 
 
 def test_unlabelled_folder_is_searched_recursively(tmp_path: Path) -> None:
@@ -683,8 +759,11 @@ def test_corrupt_images_name_the_file(tmp_path: Path) -> None:
     dataset = data.build_dataset(str(tmp_path))
     assert len(dataset) == 3  # type: ignore[arg-type]
     for index, name in ((0, "empty.jpg"), (2, "truncated.png")):
-        with pytest.raises(data.CorruptImageError, match=re.escape(name)):
+        with pytest.raises(data.CorruptImageError, match=re.escape(name)) as caught:
             dataset[index]
+        # the way out: skip such files, or remove this one
+        assert "--skip-corrupt (config data.skip_corrupt=true)" in str(caught.value)
+        assert "remove the file" in str(caught.value)
     # from a worker process too: DataLoader re-raises the error with the file in its message
     kind, message = worker_error(DataLoader(dataset, batch_size=1, num_workers=1))
     assert kind is data.CorruptImageError and "empty.jpg" in message

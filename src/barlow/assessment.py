@@ -8,6 +8,7 @@ kNN each epoch, the final evaluation) and by the commands that read a checkpoint
 
 from __future__ import annotations
 
+import errno
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -287,12 +288,7 @@ def load_pretrained(path: str | Path) -> tuple[Method, Config, dict[str, Any]]:
             raise ValueError(f"{path} is not a barlow pretraining checkpoint (no {key!r} entry)")
     cfg = from_dict(state["config"])
     method = build_method(cfg)
-    missing, unexpected = method.load_state_dict(state["method"], strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path} does not match {cfg.method.name}/{cfg.model.backbone}: "
-            f"missing keys {list(missing)[:5]}, unexpected keys {list(unexpected)[:5]}"
-        )
+    checkpoint.load_method_weights(method, state["method"], source=str(path))
     return method, cfg, state
 
 
@@ -319,8 +315,22 @@ def run_knn(
     acc = knn_top1(method.backbone, eval_data, cfg, device=device, progress=True)
     result = {"knn_top1": acc, "k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature}
     print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): {100 * acc:.2f} %")
-    evaluate.write_metrics(Path(path).parent / "metrics.json", {"knn": result})
+    save_result(Path(path).parent / "metrics.json", {"knn": result})
     return result
+
+
+def save_result(path: Path, record: dict[str, Any]) -> None:
+    """Merge ``record`` into the run's ``metrics.json`` (it was printed already); where that
+    cannot be written (a read-only run directory or file system), say so and carry on."""
+    try:
+        evaluate.write_metrics(path, record)
+    except OSError as error:
+        if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        console(
+            f"could not save the result in {path} ({error.strerror}); it is printed above only "
+            "(copy the run directory somewhere writable to keep results beside it)"
+        )
 
 
 def run_linear(
@@ -360,7 +370,7 @@ def run_linear(
         print(f"linear evaluation (paper protocol) top-1: {100 * result['top1']:.2f} %")
     else:
         raise ValueError(f"unknown protocol {protocol!r}; choose probe or paper")
-    evaluate.write_metrics(Path(path).parent / "metrics.json", {f"linear_{protocol}": result})
+    save_result(Path(path).parent / "metrics.json", {f"linear_{protocol}": result})
     return result
 
 

@@ -13,11 +13,11 @@ one that loads and is complete, skipping (with a warning) files a crash or a bad
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
 import shutil
-import uuid
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -34,7 +34,7 @@ FORMAT_VERSION: int = 1
 
 LATEST_NAME = CHECKPOINT_NAME  # the file name is the run directory's (rundir.py)
 _SNAPSHOT = re.compile(r"checkpoint-step(\d+)\.pt")
-# temp files of rundir.atomic_write / _link_atomically for checkpoint.pt and snapshots
+# temp files of rundir.atomic_write for checkpoint.pt and its snapshots
 _CHECKPOINT_TEMP = re.compile(r"\.checkpoint[^/]*\.pt\..+\.tmp")
 _MIN_SAFE_TORCH = "2.6"  # weights_only=True could be bypassed up to 2.5.1 (CVE-2025-32434)
 
@@ -61,7 +61,45 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> None:
     payload = {**state, "format_version": FORMAT_VERSION}
     check_plain(payload)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda file: torch.save(payload, file))
+    try:
+        atomic_write(path, lambda file: torch.save(payload, file))
+    except (OSError, RuntimeError) as error:
+        full = _disk_full(error)
+        if full is None:
+            raise
+        refused = CheckpointWriteError(_disk_full_message(path, payload))
+        refused.errno = full.errno
+        raise refused from error
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written for lack of space; the previous one is intact."""
+
+
+def _disk_full(error: BaseException) -> OSError | None:
+    """The "no space" / "quota exceeded" OSError behind ``error``: torch's zip writer reports
+    it as "enforce fail at inline_container.cc", with the OSError as its context."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _disk_full_message(path: Path, payload: Mapping[str, Any]) -> str:
+    size = sum(t.numel() * t.element_size() for _, t in _tensors(payload, "state"))
+    free = shutil.disk_usage(path.parent).free
+    previous = (
+        f"{path} from the previous save is intact"
+        if path.exists()
+        else "no checkpoint was written before"
+    )
+    return (
+        f"no space left on the device to write {path} (it needs about {size / 2**20:.0f} MiB, "
+        f"{free / 2**20:.0f} MiB are free there); {previous}. Free some space, or lower "
+        "train.keep_last (each snapshot is a copy), then continue with --resume"
+    )
 
 
 def load_checkpoint(
@@ -193,16 +231,13 @@ def retain(run_dir: str | Path, *, keep_last: int, required_keys: tuple[str, ...
     """Snapshot ``run_dir/checkpoint.pt`` and keep only the ``keep_last`` newest snapshots.
 
     Call it right after :func:`save_checkpoint` wrote ``checkpoint.pt``. It first validates that
-    file (raising, and deleting nothing, if it is not a complete checkpoint), then links it to
-    ``checkpoint-step<global_step>.pt`` (a hard link, atomically; a copy where links are not
-    supported), then deletes older snapshots beyond the ``keep_last`` newest, snapshots newer than
-    this one (left by a timeline the run abandoned when it resumed from an earlier step), and
-    temp files of saves a killed process left. ``keep_last=0`` keeps ``checkpoint.pt`` alone.
-    Other files (``best.pt``, exports) are never touched. Returns the deleted paths.
-
-    The newest snapshot shares its bytes with ``checkpoint.pt`` until the next save renames a new
-    file over it: replace ``checkpoint.pt`` only by renaming (as :func:`save_checkpoint` does),
-    never write into it (``cp other.pt checkpoint.pt`` would change the snapshot as well).
+    file (raising, and deleting nothing, if it is not a complete checkpoint), then copies it to
+    ``checkpoint-step<global_step>.pt`` (atomically; an independent copy, so damage done to one
+    in place leaves the other), then deletes older snapshots beyond the ``keep_last`` newest,
+    snapshots newer than this one (left by a timeline the run abandoned when it resumed from an
+    earlier step), and temp files of saves a killed process left. ``keep_last=0`` keeps
+    ``checkpoint.pt`` alone. Other files (``best.pt``, exports) are never touched. Returns the
+    deleted paths.
     """
     if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
         raise ValueError(f"keep_last must be an int >= 0 (0: no snapshots), got {keep_last!r}")
@@ -211,7 +246,7 @@ def retain(run_dir: str | Path, *, keep_last: int, required_keys: tuple[str, ...
     state = validate_checkpoint(latest, required_keys=required_keys)
     step = int(state["global_step"])
     if keep_last:
-        _link_atomically(latest, run_dir / snapshot_name(step))
+        _copy_atomically(latest, run_dir / snapshot_name(step))
     older = sorted((s, p) for s, p in _snapshots(run_dir) if s <= step)
     doomed = [p for s, p in _snapshots(run_dir) if s > step]
     doomed += [p for _, p in older[: max(len(older) - keep_last, 0)]]
@@ -228,22 +263,12 @@ def _snapshots(run_dir: Path) -> list[tuple[int, Path]]:
     return [(int(m.group(1)), run_dir / m.group(0)) for m in found if m]
 
 
-def _link_atomically(source: Path, target: Path) -> None:
-    """Make ``target`` a hard link to ``source`` (a copy where the file system has no hard
-    links), replacing any existing ``target`` atomically."""
-    temp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        os.link(source, temp)
-    except OSError:  # no hard links here (some network and FUSE file systems): copy
-        with open(source, "rb") as file:
-            atomic_write(target, lambda out: shutil.copyfileobj(file, out))
-        return
-    try:
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    fsync_directory(target.parent)
+def _copy_atomically(source: Path, target: Path) -> None:
+    """Make ``target`` an independent copy of ``source``, replacing any existing ``target``
+    atomically. A copy, not a hard link: damage written into one file in place must not reach
+    the other (on copy-on-write file systems the kernel's copy shares blocks until then)."""
+    with open(source, "rb") as file:
+        atomic_write(target, lambda out: shutil.copyfileobj(file, out, 1 << 20))
 
 
 def _tensors(value: Any, key_path: str) -> Any:
@@ -356,6 +381,22 @@ def load_backbone_weights(module: nn.Module, state_dict: Mapping[str, Tensor]) -
     module.load_state_dict(dict(state_dict), strict=True)
 
 
+def load_method_weights(
+    module: nn.Module, state_dict: Mapping[str, Tensor], *, source: str
+) -> None:
+    """:func:`load_backbone_weights` of a checkpoint's ``method`` entry into the method its own
+    config builds; the ValueError says the file (``source``) does not fit its own config."""
+    try:
+        load_backbone_weights(module, state_dict)
+    except ValueError as error:
+        raise ValueError(
+            f"{source} does not fit the model its own config describes ({error}): the file or "
+            "the config inside it was edited, or another program wrote it. Use the checkpoint "
+            "as its run wrote it (a snapshot checkpoint-step<N>.pt beside it may be intact), or "
+            "start a new run (--overwrite, or another --out)"
+        ) from None
+
+
 def export_backbone(state_dict: Mapping[str, Tensor], path: str | Path) -> None:
     """Write backbone weights alone, atomically: safetensors for a ``.safetensors`` path,
     otherwise a ``torch.save`` of a flat ``{name: tensor}`` dict (loadable with weights_only).
@@ -432,7 +473,9 @@ def _require_file(path: Path) -> None:
     if not path.exists():
         raise FileNotFoundError(f"no such checkpoint: {path}")
     if not path.is_file():
-        raise ValueError(f"{path} is not a file; pass the checkpoint file, e.g. {path}/last.pt")
+        raise ValueError(
+            f"{path} is not a file; pass the checkpoint file, e.g. {path / LATEST_NAME}"
+        )
 
 
 def _import_safetensors() -> Any:

@@ -171,6 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # before any tensor work: then every thread of this process flushes them.
     torch.set_flush_denormal(True)
 
+    from barlow.checkpoint import CheckpointWriteError
     from barlow.health import CollapseError
     from barlow.preemption import Preempted
     from barlow.training import NonFiniteLossError
@@ -184,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"barlow {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except (NonFiniteLossError, CollapseError) as exc:  # the run failed, its last checkpoint stays
+    except (NonFiniteLossError, CollapseError, CheckpointWriteError) as exc:  # the run failed;
+        # its last checkpoint stays as it was
         print(f"barlow {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except torch.OutOfMemoryError as exc:  # its message says what to shrink

@@ -130,6 +130,24 @@ def _closest(name: str, choices: Iterable[str]) -> str:
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
+def _outside_a_section(key: str, value: Any) -> str:
+    """The error for a plain ``key = value`` at a recipe's top level, naming its section."""
+    if key in SECTIONS:
+        return f"config section [{key}] must be a table, got {value!r}"
+    owners = [
+        name
+        for name, cls in SECTIONS.items()
+        if dataclasses.is_dataclass(cls) and key in {f.name for f in dataclasses.fields(cls)}
+    ]
+    where = (
+        f"it belongs in [{owners[0]}]: write it below that header, or pass "
+        f"--set {owners[0]}.{key}={value!r}"
+        if owners
+        else f"top-level names are sections ({', '.join(f'[{s}]' for s in SECTIONS)})"
+    )
+    return f"recipe setting {key} = {value!r} stands outside any [section]; {where}"
+
+
 def _method_class(name: str) -> type[Method]:
     from barlow.methods import method_class  # late import: config must not pull in torch models
 
@@ -310,10 +328,10 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
     """Build and validate a Config from a nested dict (a parsed recipe or a saved config)."""
     sections: dict[str, Any] = {}
     for section, values in raw.items():
+        if not isinstance(values, Mapping):
+            raise ValueError(_outside_a_section(section, values))
         if section not in SECTIONS:
             raise ValueError(f"unknown config section [{section}]{_closest(section, SECTIONS)}")
-        if not isinstance(values, Mapping):
-            raise ValueError(f"config section [{section}] must be a table, got {values!r}")
         sections[section] = dict(values)
 
     method_raw = sections.pop("method", {})

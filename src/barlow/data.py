@@ -17,10 +17,12 @@ import difflib
 import gzip
 import hashlib
 import os
+import stat
 import tarfile
 import urllib.request
 import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -33,7 +35,7 @@ import torchvision.datasets.utils as tv_utils
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from barlow.rundir import atomic_write
 
@@ -427,10 +429,13 @@ def _idx_file(directory: Path, stem: str) -> Path | None:
     return None
 
 
-def _fashion_mnist_dirs(root: str | Path | None) -> list[Path]:
-    """Directories searched, in order; each also in torchvision's ``FashionMNIST/raw`` layout."""
-    bases = [Path(root).expanduser()] if root is not None else []
-    bases += [_default_root("fashion-mnist"), DEBIAN_FASHION_MNIST]
+def _fashion_mnist_dirs(root: Path | None) -> list[Path]:
+    """Directories searched, in order; each also in torchvision's ``FashionMNIST/raw`` layout.
+
+    An explicit ``root`` is the only place searched: the default store and the system copy stand
+    in only when no root is given, so a wrong ``--data-root`` is never silently replaced.
+    """
+    bases = [root] if root is not None else [_default_root("fashion-mnist"), DEBIAN_FASHION_MNIST]
     return [d for base in bases for d in (base, base / "FashionMNIST" / "raw")]
 
 
@@ -446,14 +451,16 @@ def _first_idx_pair(directories: list[Path], stems: tuple[str, str]) -> tuple[Pa
 def _fashion_mnist(split: Split, root: str | Path | None, download: bool) -> TensorImages:
     prefix = "t10k" if split == "test" else "train"
     stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
-    searched = _fashion_mnist_dirs(root)
+    explicit = Path(root).expanduser() if root is not None else None
+    searched = _fashion_mnist_dirs(explicit)
     found = _first_idx_pair(searched, stems)
     if found is None and download:
-        download_root = _default_root("fashion-mnist") if root is None else Path(root).expanduser()
-        _fetch("fashion-mnist", download_root)  # the four .gz files, read as they are
+        _fetch("fashion-mnist", explicit or _default_root("fashion-mnist"))  # .gz, read as is
         found = _first_idx_pair(searched, stems)
     if found is not None:
         return _fashion_mnist_arrays(*found)
+    if explicit is not None:
+        raise _missing_from_root(explicit, stems)
     places = "\n  ".join(str(d) for d in searched)
     raise FileNotFoundError(
         f"Fashion-MNIST {prefix} files ({stems[0]}[.gz], {stems[1]}[.gz]) not found; looked in:\n"
@@ -461,6 +468,27 @@ def _fashion_mnist(split: Split, root: str | Path | None, download: bool) -> Ten
         "Get them with one of: `apt-get install dataset-fashion-mnist`; "
         "`--data-root DIR` (a directory holding the four IDX files); "
         "`--set data.download=true` (downloads them, SHA-256 checked)"
+    )
+
+
+def _missing_from_root(root: Path, stems: tuple[str, str]) -> FileNotFoundError:
+    """The error for an explicit root without the files: which are missing, and the ways out."""
+    if not root.is_dir():
+        what = f"{root} does not exist" if not root.exists() else f"{root} is not a directory"
+    else:
+        missing = [
+            f"{stem}[.gz]"
+            for stem in stems
+            if all(_idx_file(d, stem) is None for d in _fashion_mnist_dirs(root))
+        ]
+        apart = f"{root} holds {stems[0]} and {stems[1]} in different folders"
+        what = f"{root} lacks {', '.join(missing)}" if missing else apart
+    return FileNotFoundError(
+        f"Fashion-MNIST: --data-root (data.root) {what} (looked in it and in its "
+        "FashionMNIST/raw/). Point data.root at the folder that holds the IDX files; or leave it "
+        f"unset to use the system copy ({DEBIAN_FASHION_MNIST}, `apt-get install "
+        "dataset-fashion-mnist`) or the default store; or add `--set data.download=true` to "
+        "download them into it (SHA-256 checked)"
     )
 
 
@@ -544,17 +572,47 @@ class CorruptImageError(ValueError):
         return type(self), (str(self), self.path)
 
 
-# PIL's own conversion of 16-bit greyscale to 8 bits clips at 255 instead of scaling; mode "I"
-# is how some Pillow versions open 16-bit PNG/TIFF greyscale, so it is read as 16-bit too.
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# The way out of every CorruptImageError, in its message.
+_SKIP_CORRUPT = (
+    "remove the file, or pass --skip-corrupt (config data.skip_corrupt=true) to skip unreadable "
+    "images"
+)
+
+# PIL's own conversion of 16-bit greyscale to 8 bits clips at 255 instead of scaling.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _pixels(image: Image.Image, channels: int) -> np.ndarray:
-    """(H, W, channels) uint8 from any PIL mode (L, LA, P, RGBA, CMYK, I;16, …): 1 channel is
-    ITU-R 601 luma (PIL's "L"), 3 is RGB; alpha is dropped."""
+def _deep_grey(image: Image.Image, path: str | Path) -> np.ndarray:
+    """(H, W) uint8 of a 16-bit ("I;16…"), 32-bit int ("I") or float ("F") greyscale image.
+
+    16-bit values are divided by 256. "I" (how older Pillow opens 16-bit PNGs) is read as 16-bit
+    when its values lie in 0..65535 and exceed 255; "F" when they lie in [0, 1], times 255,
+    rounded. Anything else has no single 8-bit reading (8-bit values stored wide, raw counts,
+    floats in other units) and raises CorruptImageError naming the file and mode; PIL's own
+    conversion would flatten it to all 0 or all 255.
+    """
+    values = np.asarray(image)
     if image.mode in _SIXTEEN_BIT_MODES:
-        grey = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
-        return np.repeat(grey[:, :, None], channels, axis=2)
+        return (values.astype(np.int64) >> 8).astype(np.uint8)
+    lo, hi = values.min().item(), values.max().item()
+    if image.mode == "I" and lo >= 0 and 255 < hi <= 65535:
+        return (values >> 8).astype(np.uint8)
+    if image.mode == "F" and lo >= 0 and hi <= 1:  # False for NaN too
+        return np.rint(values * 255).astype(np.uint8)
+    kind = "32-bit float" if image.mode == "F" else "32-bit integer"
+    raise CorruptImageError(
+        f"image {path} has PIL mode {image.mode} ({kind}) with values {lo}..{hi}, which have "
+        "no single 8-bit reading (barlow reads mode F in [0, 1] and mode I in 256..65535 as "
+        f"16-bit); convert it to an 8-bit PNG, or {_SKIP_CORRUPT}",
+        path,
+    )
+
+
+def _pixels(image: Image.Image, channels: int, path: str | Path) -> np.ndarray:
+    """(H, W, channels) uint8 from any PIL mode (L, LA, P, RGBA, CMYK, I;16, F, …): 1 channel is
+    ITU-R 601 luma (PIL's "L"), 3 is RGB; alpha is dropped. Deep greyscale: :func:`_deep_grey`."""
+    if image.mode in (*_SIXTEEN_BIT_MODES, "I", "F"):
+        return np.repeat(_deep_grey(image, path)[:, :, None], channels, axis=2)
     if image.mode in ("P", "PA") and "transparency" in image.info:
         # PIL warns when a palette with transparency goes to RGB directly.
         image = image.convert("RGBA")
@@ -567,28 +625,40 @@ def _pixels(image: Image.Image, channels: int) -> np.ndarray:
 def read_image(path: str | Path, *, channels: int = 3) -> Tensor:
     """Decode an image file to a uint8 tensor (channels, H, W): 3 for RGB, 1 for greyscale.
 
-    Raises CorruptImageError naming the file when it cannot be decoded, is truncated, or exceeds
-    PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, kept at PIL's default).
+    Raises CorruptImageError naming the file when it cannot be decoded, is truncated, exceeds
+    PIL's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``, kept at PIL's default), is
+    not a regular file (a FIFO would block the open forever; it is never opened), or is deep
+    greyscale without a single 8-bit reading (:func:`_deep_grey`).
     """
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 (greyscale) or 3 (RGB), got {channels!r}")
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise CorruptImageError(
+                f"{path} is not a regular file (a FIFO, socket or device): opening it could "
+                f"block forever, so it is not read; {_SKIP_CORRUPT}",
+                path,
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                pixels = _pixels(image, channels)
+                pixels = _pixels(image, channels, path)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise CorruptImageError(
             f"image {path} is larger than PIL.Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} "
-            f"pixels allows ({e}); it may be a decompression bomb. Remove it, or if you trust it "
-            "raise that limit to a number (never None)",
+            f"pixels allows ({e}); it may be a decompression bomb. Remove it, skip it with "
+            "--skip-corrupt (config data.skip_corrupt=true), or if you trust it raise that limit "
+            "to a number (never None)",
             path,
         ) from e
+    except CorruptImageError:
+        raise
     # Any failure while decoding this one file is about this file (PIL plugins raise OSError,
     # SyntaxError, ValueError, struct.error, …); name it so the user can remove it.
     except Exception as e:
         raise CorruptImageError(
-            f"cannot decode image {path} (corrupt or truncated?): {type(e).__name__}: {e}",
+            f"cannot decode image {path} (corrupt or truncated?): {type(e).__name__}: {e}; "
+            + _SKIP_CORRUPT,
             path,
         ) from e
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
@@ -619,29 +689,120 @@ def _is_image(filename: str) -> bool:
     return has_file_allowed_extension(filename, IMG_EXTENSIONS)
 
 
+@dataclass
+class _Skipped:
+    """What listing an image folder left out; :func:`image_folder` reports it in one line."""
+
+    links: int = 0  # folders already listed under another name (symlink loops, aliases)
+    special: int = 0  # image-named entries that are not regular files: FIFO, device, broken link
+    unreadable: int = 0  # folders that could not be listed
+
+
+def _first_visit(path: str, seen: set[tuple[int, int]]) -> bool:
+    """Whether the real folder behind ``path`` is new to ``seen`` (and add it)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    key = (info.st_dev, info.st_ino)
+    if key in seen:
+        return False
+    seen.add(key)
+    return True
+
+
+def _scan(
+    directory: str, skip_hidden: bool, seen: set[tuple[int, int]], skipped: _Skipped
+) -> tuple[list[str], list[str]]:
+    """(subfolders not seen before, regular image files) of one folder, each sorted by name."""
+    try:
+        with os.scandir(directory) as scan:
+            entries = sorted(scan, key=lambda e: e.name)
+    except OSError:
+        skipped.unreadable += 1
+        return [], []
+    # is_dir and is_file follow symlinks; is_file is True only for regular files.
+    folders = [e for e in entries if e.is_dir() and not (skip_hidden and e.name.startswith("."))]
+    # Real folders claim their identity before links to them, so images keep their real names.
+    new = {
+        e.path for e in sorted(folders, key=lambda e: e.is_symlink()) if _first_visit(e.path, seen)
+    }
+    skipped.links += len(folders) - len(new)
+    named = [e for e in entries if not e.is_dir() and _is_image(e.name)]
+    files = [e.path for e in named if e.is_file()]
+    skipped.special += len(named) - len(files)
+    return [e.path for e in folders if e.path in new], files
+
+
+def _walk_images(
+    top: str | Path, skipped: _Skipped, *, skip_hidden: bool = False
+) -> Iterator[tuple[str, list[str]]]:
+    """(folder, its regular image files) for each real folder under ``top``, once, depth first in
+    name order (as ``os.walk`` with sorted names). Symlinks are followed, but a folder already
+    reached (a loop, or a second link to it) is skipped and counted in ``skipped``."""
+    seen: set[tuple[int, int]] = set()
+    _first_visit(str(top), seen)
+    stack = [str(top)]
+    while stack:
+        directory = stack.pop()
+        subdirs, files = _scan(directory, skip_hidden, seen, skipped)
+        yield directory, files
+        stack += reversed(subdirs)
+
+
 def _contains_image(directory: str) -> bool:
-    return any(any(map(_is_image, files)) for _, _, files in os.walk(directory, followlinks=True))
+    return any(files for _, files in _walk_images(directory, _Skipped()))
 
 
-def _class_folders(directory: Path) -> list[str]:
-    """Sorted class subfolders (non-hidden, holding images), or [] when images sit at the top."""
-    entries = list(os.scandir(directory))
+def _class_folders(directory: Path, skipped: _Skipped | None = None) -> list[str]:
+    """Sorted class subfolders (non-hidden, holding images), or [] when images sit at the top.
+
+    A link to the folder itself or to a folder above it is a loop, not a class: it is skipped
+    (and counted in ``skipped``)."""
+    with os.scandir(directory) as scan:
+        entries = list(scan)
     if any(e.is_file() and _is_image(e.name) for e in entries):
         return []
-    return sorted(
-        e.name
-        for e in entries
-        if e.is_dir() and not e.name.startswith(".") and _contains_image(e.path)
-    )
+    here = os.path.realpath(directory)
+    folders = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+    classes = [e for e in folders if not _is_within(here, os.path.realpath(e.path))]
+    if skipped is not None:
+        skipped.links += len(folders) - len(classes)
+    return sorted(e.name for e in classes if _contains_image(e.path))
 
 
-def _all_images(directory: Path) -> list[str]:
+def _is_within(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
+
+
+def _class_images(
+    directory: Path, class_to_idx: dict[str, int], skipped: _Skipped
+) -> list[tuple[str, int]]:
+    """(path, class index) of every image under each class folder, ordered as torchvision's
+    ``make_dataset`` orders them (classes sorted, then folders by path, files by name)."""
+    samples: list[tuple[str, int]] = []
+    for name in sorted(class_to_idx):
+        for _, files in sorted(_walk_images(os.path.join(directory, name), skipped)):
+            samples += [(path, class_to_idx[name]) for path in files]
+    return samples
+
+
+def _all_images(directory: Path, skipped: _Skipped) -> list[str]:
     """Every image under ``directory``, recursively, in sorted order, hidden folders skipped."""
-    paths: list[str] = []
-    for parent, subdirs, files in os.walk(directory, followlinks=True):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        paths += [os.path.join(parent, f) for f in sorted(files) if _is_image(f)]
-    return paths
+    return [p for _, files in _walk_images(directory, skipped, skip_hidden=True) for p in files]
+
+
+def _report_skipped(directory: Path, found: int, skipped: _Skipped) -> None:
+    if skipped == _Skipped():
+        return
+    warnings.warn(
+        f"image folder {directory}: found {found} images; skipped {skipped.links} link(s) to "
+        f"folders already listed (symlink loops or aliases), {skipped.special} image-named "
+        f"entry(ies) that are not regular files (FIFO, socket, device, broken link) and "
+        f"{skipped.unreadable} unreadable folder(s)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _layout_hint(directory: Path) -> str:
@@ -661,7 +822,8 @@ def image_folder(directory: str | Path, *, classes: list[str] | None = None) -> 
     directory = Path(directory).expanduser()
     if not directory.is_dir():
         raise FileNotFoundError(f"image folder {directory} is missing; {_layout_hint(directory)}")
-    found = _class_folders(directory)
+    skipped = _Skipped()
+    found = _class_folders(directory, skipped)
     if found:
         classes = classes or found
         unknown = sorted(set(found) - set(classes))
@@ -671,15 +833,11 @@ def image_folder(directory: str | Path, *, classes: list[str] | None = None) -> 
                 "give both splits the same classes"
             )
         class_to_idx = {c: i for i, c in enumerate(classes)}
-        samples = make_dataset(
-            str(directory),
-            {c: class_to_idx[c] for c in found},
-            extensions=IMG_EXTENSIONS,
-            allow_empty=True,
-        )
+        samples = _class_images(directory, {c: class_to_idx[c] for c in found}, skipped)
         dataset = ImageFiles(directory, samples, list(classes))
     else:
-        dataset = ImageFiles(directory, [(p, -1) for p in _all_images(directory)], [])
+        dataset = ImageFiles(directory, [(p, -1) for p in _all_images(directory, skipped)], [])
+    _report_skipped(directory, len(dataset), skipped)
     if not dataset.samples:
         raise FileNotFoundError(f"no images found in {directory}; {_layout_hint(directory)}")
     return dataset
@@ -738,9 +896,10 @@ def build_dataset(
 
     ``split="unlabeled"`` means "the images for pretraining": STL-10's train+unlabeled (labels −1
     on the 100 000 unlabelled images), the train split elsewhere. ``root`` is the directory holding
-    the dataset's files (default ``$BARLOW_DATA/<name>`` or ``~/.cache/barlow/<name>``); it is
-    ignored when ``name_or_path`` is itself a directory. ``download`` lets torchvision fetch
-    Fashion-MNIST, CIFAR and STL-10.
+    the dataset's files (default ``$BARLOW_DATA/<name>`` or ``~/.cache/barlow/<name>``, then the
+    system's Fashion-MNIST); a given root that lacks them is an error, never replaced by another
+    copy. It is ignored when ``name_or_path`` is itself a directory. ``download`` lets barlow or
+    torchvision fetch Fashion-MNIST, CIFAR and STL-10.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")

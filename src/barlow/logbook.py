@@ -31,14 +31,18 @@ class Logbook:
     """Writes ``metrics.jsonl`` and TensorBoard event files under ``out_dir``."""
 
     def __init__(self, out_dir: Path, *, enabled: bool = True, tensorboard: bool = True) -> None:
-        self.enabled = enabled
+        self.enabled, self.tensorboard = enabled, tensorboard
         self._jsonl: TextIO | None = None
         self._tb: Any = None
-        if not enabled:
+        self.open(out_dir)
+
+    def open(self, out_dir: Path) -> None:
+        """Append to ``out_dir``'s files (after :meth:`close`: the run directory moved)."""
+        if not self.enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         self._jsonl = (out_dir / "metrics.jsonl").open("a", encoding="utf-8")
-        if tensorboard:
+        if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(out_dir / "tensorboard"))

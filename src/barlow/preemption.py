@@ -4,7 +4,9 @@ Cluster schedulers warn a job before killing it: SLURM sends SIGUSR1 (with ``--s
 SIGTERM, Kubernetes and most others SIGTERM. A handler must not save a checkpoint itself (it may
 interrupt a collective or a half-written file), so it only sets a flag; the training loop polls
 the flag at every step, all ranks agree on it, rank 0 saves, and the process exits with 143
-(128 + SIGTERM), the code schedulers read as "terminated, may be restarted".
+(128 + SIGTERM), the code schedulers read as "terminated, may be restarted". Ctrl-C (SIGINT) is
+handled the same way and exits with 130 (128 + SIGINT), the shell's code for an interrupt; a
+second Ctrl-C stops at once (KeyboardInterrupt), without waiting for the save.
 """
 
 from __future__ import annotations
@@ -19,17 +21,25 @@ from types import FrameType, TracebackType
 from barlow.logbook import console
 
 EXIT_CODE = 143
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+INTERRUPT_EXIT_CODE = 130
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class Preempted(Exception):
-    """The run stopped on a preemption signal after saving a checkpoint it can resume from."""
+    """The run stopped on a preemption signal (or Ctrl-C) after saving a checkpoint it can
+    resume from; ``exit_code`` is 130 for Ctrl-C, else 143."""
 
-    exit_code = EXIT_CODE
+    def __init__(self, message: str, exit_code: int = EXIT_CODE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+    def __reduce__(self) -> tuple[type[Preempted], tuple[str, int]]:
+        return type(self), (str(self), self.exit_code)
 
 
 class PreemptionSignals:
-    """While active, SIGTERM and SIGUSR1 set ``requested`` instead of killing the process.
+    """While active, SIGTERM, SIGUSR1 and SIGINT set ``requested`` instead of stopping the
+    process (a second SIGINT raises KeyboardInterrupt: the user insists).
 
     A context manager; the previous handlers come back on exit. Outside the main thread (where
     Python cannot install handlers) it does nothing and ``requested`` stays False.
@@ -41,8 +51,19 @@ class PreemptionSignals:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+
+    @property
+    def interrupted(self) -> bool:
+        """Whether the request is the user's Ctrl-C (not a scheduler's)."""
+        return self.signal_name == "SIGINT"
+
+    @property
+    def exit_code(self) -> int:
+        return INTERRUPT_EXIT_CODE if self.interrupted else EXIT_CODE
 
     def __enter__(self) -> PreemptionSignals:
         if threading.current_thread() is threading.main_thread():

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -34,10 +35,42 @@ CHECKPOINT_NAME = "checkpoint.pt"
 BACKBONE_NAME = "backbone.safetensors"
 TENSORBOARD_NAME = "tensorboard"
 LOCK_NAME = ".lock"  # held (flock) by the process training into the directory
+STAGING_NAME = ".overwrite-staging"  # where an --overwrite run writes until its first checkpoint
+REPLACED_NAME = ".overwrite-replaced"  # the old run's entries while a replacement is committed
 
 
 class RunInUseError(FileExistsError):
     """Another live process holds the run directory's lock."""
+
+
+class OutDirError(ValueError):
+    """``--out`` cannot be a run directory: a file, below a file, or not writable."""
+
+
+def make_run_directory(path: Path) -> bool:
+    """Create ``path`` (and its parents) unless it exists; whether it was created. Raises
+    :class:`OutDirError` naming the problem when it cannot hold a run."""
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutDirError(
+            f"--out {path} is a file, not a directory; choose another --out"
+        ) from None
+    except NotADirectoryError:
+        blocker = next(p for p in path.parents if p.exists() and not p.is_dir())
+        raise OutDirError(
+            f"--out {path}: {blocker} is a file, so no directory can be made below it; choose "
+            "another --out"
+        ) from None
+    except OSError as error:  # no permission, a read-only file system, …
+        raise OutDirError(
+            f"--out {path} cannot be created: {error.strerror} ({error.filename}); choose a "
+            "writable --out"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise OutDirError(f"--out {path} is not writable; choose a writable --out")
+    return created
 
 
 @dataclass(frozen=True)
@@ -74,6 +107,17 @@ class RunDir:
         """``checkpoint.pt`` and its snapshots ``checkpoint-step<N>.pt``, where they exist."""
         found = [self.checkpoint] if self.checkpoint.exists() else []
         return found + sorted(self.path.glob("checkpoint-step*.pt"))
+
+    def run_entries(self) -> list[Path]:
+        """What a run writes here: its files, snapshots, ``tensorboard/`` and the temp files of
+        interrupted writes (not the lock, and not files of the user's own)."""
+        names = (CONFIG_NAME, METRICS_LOG_NAME, METRICS_NAME, CHECKPOINT_NAME, BACKBONE_NAME)
+        named = [self.path / name for name in (*names, TENSORBOARD_NAME)]
+        prefixes = (*(f".{name}." for name in names), ".checkpoint-step")
+        temps = sorted(p for p in self.path.glob(".*.tmp") if p.name.startswith(prefixes))
+        snapshots = sorted(self.path.glob("checkpoint-step*.pt"))
+        snapshots += sorted(self.path.glob("weights-source-step*.pt"))  # resume_weights_only
+        return [p for p in named if os.path.lexists(p)] + snapshots + temps
 
     def holds_a_run(self) -> bool:
         """Whether a run already wrote here (its config or a checkpoint)."""
@@ -132,8 +176,7 @@ def run_lock(run_dir: RunDir) -> Iterator[None]:
     except ImportError:
         yield
         return
-    created = not run_dir.path.exists()
-    run_dir.path.mkdir(parents=True, exist_ok=True)
+    created = make_run_directory(run_dir.path)
     fd = os.open(run_dir.path / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666 & ~_umask())
     try:
         try:
@@ -159,6 +202,73 @@ def run_lock(run_dir: RunDir) -> Iterator[None]:
             raise
     finally:
         os.close(fd)  # closing releases the flock
+
+
+class Replacement:
+    """``--overwrite`` that cannot lose the old run to a new one that fails.
+
+    The new run writes into ``DIR/.overwrite-staging`` (a run directory of its own) until its
+    first checkpoint is written there; only then does :meth:`commit` move the old run's entries
+    (:meth:`RunDir.run_entries`) into ``DIR/.overwrite-replaced``, the staged ones into ``DIR``,
+    and delete the old ones. A new run that fails first (bad data, out of memory, a kill) leaves
+    the old run as it was; :func:`recover_replacement` at the next start removes what it staged,
+    or finishes a commit that a kill interrupted. Files of the user's own in ``DIR`` stay.
+    """
+
+    def __init__(self, target: RunDir) -> None:
+        self.target = target
+        self.staging = RunDir(target.path / STAGING_NAME)
+        self.replaced = target.path / REPLACED_NAME
+
+    def begin(self) -> RunDir:
+        """An empty staging directory for the new run."""
+        if self.staging.path.exists():
+            shutil.rmtree(self.staging.path)
+        self.staging.path.mkdir()
+        return self.staging
+
+    def commit(self) -> None:
+        """Swap the staged run in; idempotent, so a kill anywhere is finished by calling it again.
+
+        ``.overwrite-replaced`` existing marks a commit under way. The staged ``checkpoint.pt``
+        moves first: while it is still staged, every run entry in ``DIR`` is the old run's.
+        """
+        self.replaced.mkdir(exist_ok=True)
+        fsync_directory(self.target.path)
+        if self.staging.checkpoint.exists():
+            for entry in self.target.run_entries():
+                os.replace(entry, self.replaced / entry.name)
+            os.replace(self.staging.checkpoint, self.target.checkpoint)
+        for entry in sorted(self.staging.path.iterdir()):
+            os.replace(entry, self.target.path / entry.name)
+        self.staging.path.rmdir()
+        fsync_directory(self.target.path)
+        shutil.rmtree(self.replaced)
+
+    def abandon(self) -> None:
+        """Remove the staging of a new run that failed before its commit began."""
+        if not self.replaced.exists():
+            shutil.rmtree(self.staging.path, ignore_errors=True)
+
+
+def recover_replacement(run_dir: RunDir) -> str | None:
+    """Undo or finish an ``--overwrite`` that a kill interrupted (call it holding the lock);
+    a line saying what was done, or None when there was nothing to do."""
+    replacement = Replacement(run_dir)
+    if replacement.replaced.exists():
+        replacement.staging.path.mkdir(exist_ok=True)  # gone only once the commit had moved all
+        replacement.commit()
+        return (
+            f"{run_dir.path}: finished replacing the old run with the --overwrite run that had "
+            "written its first checkpoint (a kill interrupted the swap)"
+        )
+    if replacement.staging.path.exists():
+        replacement.abandon()
+        return (
+            f"{run_dir.path}: removed {STAGING_NAME}/, left by an --overwrite run that stopped "
+            "before its first checkpoint; the run here is as it was before it"
+        )
+    return None
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], object], *, suffix: str = ".tmp") -> None:

@@ -8,6 +8,7 @@ import importlib
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from barlow.config import Config, load_config
 from barlow.methods import BarlowTwins
 from barlow.rundir import LOCK_NAME, RunDir, run_lock
 from barlow.training import CHECKPOINT_NAME, pretrain
-from runs import FAST, sets, weights
+from runs import FAST, records, sets, weights
 
 EVALUATED = [
     *(o for o in FAST if not o.startswith("eval.final")),
@@ -280,3 +281,51 @@ def test_two_runs_started_at_once_into_one_directory_do_not_mix(tmp_path: Path) 
         json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps == sorted(steps) and len(steps) == len(set(steps))  # one run's records
+
+
+# Item 13: the epoch's loss after a mid-epoch resume is over the whole epoch.
+
+
+def test_the_epoch_loss_after_a_mid_epoch_resume_covers_the_whole_epoch(tmp_path: Path) -> None:
+    """Before, the resumed run's epoch record held the mean over the 6 resumed steps only."""
+    logged = "train.log_every=1"
+    pretrain(fast(logged), tmp_path / "whole", progress=False)
+    pretrain(fast(logged, "train.max_steps=5"), tmp_path / "resumed", progress=False)
+    pretrain(fast(logged), tmp_path / "resumed", resume=True, progress=False)
+    (whole,) = records(tmp_path / "whole", "epoch")
+    (resumed,) = records(tmp_path / "resumed", "epoch")
+    assert resumed["loss"] == whole["loss"]
+    steps = [r["loss"] for r in records(tmp_path / "whole", "train")]
+    # the epoch's mean is a float32 sum; 1e-5 relative is float32 rounding over 11 terms
+    assert len(steps) == 11 and abs(sum(steps) / 11 - whole["loss"]) < 1e-5 * abs(whole["loss"])
+
+
+# Item 12: Ctrl-C saves a checkpoint as SIGTERM does, says how to resume, and exits 130.
+
+
+def test_ctrl_c_saves_a_checkpoint_says_how_to_resume_and_exits_130(tmp_path: Path) -> None:
+    """SIGINT to the whole process group, as a terminal sends it (the DataLoader worker gets it
+    too). Before: exit 130 with no checkpoint of the steps done."""
+    run = tmp_path / "run"
+    overrides = sets(*FAST, "train.epochs=20", "train.log_every=1", "data.num_workers=1")
+    argv = [sys.executable, "-m", "barlow", "pretrain", "--quiet", "--out", str(run), *overrides]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        log = run / "metrics.jsonl"
+        while not (log.exists() and '"kind": "train"' in log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, "no step logged"
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "SIGINT: saved" in err and "continue with --resume" in err, err[-2000:]
+    assert "Traceback" not in err and "exited unexpectedly" not in err, err[-2000:]
+    saved = checkpoint.load_checkpoint(run / CHECKPOINT_NAME)["global_step"]
+    assert 1 <= saved < 20 * 11
+    resumed = ["pretrain", "--quiet", "--out", str(run), "--resume", *overrides]
+    assert main([*resumed, *sets(f"train.max_steps={saved + 1}")]) == 0
+    assert checkpoint.load_checkpoint(run / CHECKPOINT_NAME)["global_step"] == saved + 1

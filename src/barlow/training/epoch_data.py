@@ -7,6 +7,7 @@ epoch, rank, world). That is what makes a resumed run bit-identical to an uninte
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -193,10 +194,18 @@ def epoch_loader(
         # global generator, would shift the random state a resume restores.
         generator=torch.Generator().manual_seed(seed),
         num_workers=num_workers,
+        worker_init_fn=leave_interrupts_to_the_trainer,
         pin_memory=device.type == "cuda",
         persistent_workers=num_workers > 0,
     )
     return loader, order
+
+
+def leave_interrupts_to_the_trainer(worker_id: int) -> None:
+    """A DataLoader worker ignores Ctrl-C: a terminal sends SIGINT to the whole process group,
+    and the training process saves a checkpoint and then stops its workers (a worker dying of
+    it first would crash the run with "DataLoader worker exited unexpectedly")."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def trim_to_common_batch(inputs: Any, *, world: int, device: torch.device, where: str) -> Any:

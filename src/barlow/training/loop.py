@@ -48,8 +48,12 @@ class TrainingLoop:
         monitors: Sequence[EpochMonitor] = (),
         last_saved: str | None = None,
         run_record: Mapping[str, Any] | None = None,
+        on_first_save: Callable[[], RunDir] | None = None,
     ) -> None:
         self.run, self.run_dir, self.state, self.guard = run, run_dir, state, guard
+        # after the first checkpoint is written: the run directory to write into from then on
+        # (an --overwrite run swaps itself in from its staging directory)
+        self.on_first_save = on_first_save
         self.logbook, self.progress, self.monitors = logbook, progress, monitors
         self.last_saved = last_saved or "none yet"
         self.run_record = run_record  # config.json, rewritten with every checkpoint
@@ -58,9 +62,11 @@ class TrainingLoop:
         self.begin_epoch()
 
     def begin_epoch(self) -> None:
-        """Start the epoch's clock and its loss sum (``run_epoch`` calls it)."""
+        """Start the epoch's clock and its loss sum (``run_epoch`` calls it); a resumed epoch's
+        sum starts from the checkpoint's (``state.epoch_loss``)."""
         self.epoch_start, self.steps_done = time.perf_counter(), 0
-        self.loss_sum = torch.zeros((), device=self.run.device)
+        total, self.loss_steps = self.state.epoch_loss
+        self.loss_sum = torch.tensor(total, dtype=torch.float32, device=self.run.device)
 
     def fit(self) -> dict[str, Any]:
         """Train to the end (or a stop); the last epoch's metrics. Raises Preempted after saving
@@ -93,6 +99,7 @@ class TrainingLoop:
             if self.stop_mid_epoch(preempt, i):
                 return False
         self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
+        self.state.epoch_loss = (0.0, 0)
         return True
 
     def step(self, inputs: Any, epoch: int, batch: int) -> bool:
@@ -116,6 +123,7 @@ class TrainingLoop:
             run.scaler.update()
             self.loss_sum += loss.detach()
             self.steps_done += 1
+            self.loss_steps += 1
             if self.after_step is not None:
                 self.after_step(self.state.global_step / run.schedule.total_steps)
         return verdict.preempt
@@ -156,23 +164,24 @@ class TrainingLoop:
             return False
         self.save()  # mid-epoch: the resume skips the batches done
         if preempt:
-            signal_name = self.guard.signals.signal_name or "preemption signal"
+            signals = self.guard.signals
             if distributed.is_main_process():
                 console(
-                    f"{signal_name}: saved {self.run_dir.checkpoint} at epoch "
-                    f"{self.state.epoch + 1}, batch {i + 1} (step {self.state.global_step}); "
-                    "continue with --resume"
+                    f"{signals.signal_name or 'preemption signal'}: saved "
+                    f"{self.run_dir.checkpoint} at epoch {self.state.epoch + 1}, batch {i + 1} "
+                    f"(step {self.state.global_step}); continue with --resume"
                 )
-                if self.train.requeue:
+                if self.train.requeue and not signals.interrupted:  # Ctrl-C is the user's stop
                     requeue_slurm_job()
             distributed.barrier()
-            raise Preempted(f"preempted at step {self.state.global_step}")
+            stopped = "interrupted" if signals.interrupted else "preempted"
+            raise Preempted(f"{stopped} at step {self.state.global_step}", signals.exit_code)
         return True
 
     def end_of_epoch(self, epoch: int) -> dict[str, Any]:
         """The epoch's record, the monitors, the collapse check, the checkpoint."""
         epoch_time = time.perf_counter() - self.epoch_start
-        mean_loss = distributed.all_reduce_mean(self.loss_sum / max(self.steps_done, 1))
+        mean_loss = distributed.all_reduce_mean(self.loss_sum / max(self.loss_steps, 1))
         metrics: dict[str, Any] = {
             "epoch": epoch + 1,
             "loss": float(mean_loss),
@@ -199,6 +208,8 @@ class TrainingLoop:
     def save(self) -> None:
         """Checkpoint the state (collective; the main process writes, then keeps snapshots)."""
         run = self.run
+        if self.state.step_in_epoch:  # mid-epoch: the epoch's loss so far goes along
+            self.state.epoch_loss = (float(self.loss_sum), self.loss_steps)
         payload = self.state.to_checkpoint(
             config=run.cfg.to_dict(), module=run.module, optimizer=run.optimizer, scaler=run.scaler
         )
@@ -210,6 +221,8 @@ class TrainingLoop:
         )
         if self.run_record is not None:  # the config of the run that wrote the checkpoint
             self.run_dir.write_config(self.run_record)
+        if self.on_first_save is not None:
+            self.run_dir, self.on_first_save = self.on_first_save(), None
 
 
 def epoch_line(metrics: dict[str, Any], epochs: int, corrupt: bool) -> str:

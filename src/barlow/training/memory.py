@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from barlow.config import Config
+from barlow.encoder import crop_size
 from barlow.methods import Method
 
 
@@ -78,18 +79,34 @@ def memory_estimate(
     )
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's OutOfMemoryError (GPU), or a plain allocator failure: the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory", e.g. under ``ulimit -v``) or
+    Python's MemoryError."""
+    if isinstance(error, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
+
+
 def oom_message(
-    cfg: Config, *, world: int, step: int, epoch: int, last_saved: str | None, estimate: str
+    cfg: Config, *, world: int, where: str, last_saved: str | None, estimate: str | None
 ) -> str:
+    """What ran out of memory and what to shrink: the batch (unless it is already the least),
+    the crop, the projector, the precision."""
     projector = cfg.method.params.get("projector", "the method's default")
+    per_process = cfg.train.batch_size // world
+    batch = (
+        "Lower train.batch_size (and optim.lr with it, or keep it: it is scaled per 256 images), "
+        if per_process > 2
+        else "train.batch_size is already the least (2 per process); "
+    )
     return (
-        f"out of memory at step {step} (epoch {epoch + 1}) with train.batch_size="
-        f"{cfg.train.batch_size} ({cfg.train.batch_size // world} per process), method.projector="
-        f"{projector!r}, train.precision={cfg.train.precision}. {estimate}. Lower "
-        "train.batch_size (and optim.lr with it, or keep it: it is scaled per 256 images), choose "
-        "a narrower method.projector, or train in bf16 (train.precision=bf16 on a GPU or CPU "
-        f"that has it); checkpoints written so far are intact, the last good one: "
-        f"{last_saved or 'none yet'}"
+        f"out of memory {where} with train.batch_size={cfg.train.batch_size} ({per_process} per "
+        f"process), crop {crop_size(cfg)} px, method.projector={projector!r}, "
+        f"train.precision={cfg.train.precision}. {estimate + '. ' if estimate else ''}{batch}"
+        "choose a narrower method.projector or a smaller crop (data.crop_size), or train in "
+        "bf16 (train.precision=bf16 on a GPU or CPU that has it); checkpoints written so far "
+        f"are intact, the last good one: {last_saved or 'none yet'}"
     )
 
 

@@ -20,12 +20,12 @@ from barlow.health import embedding_health
 from barlow.logbook import Logbook, Progress, console
 from barlow.methods import Method
 from barlow.preemption import PreemptionSignals
-from barlow.rundir import RunDir, run_lock
+from barlow.rundir import Replacement, RunDir, recover_replacement, run_lock
 from barlow.training import resume as resuming
 from barlow.training.guard import StepGuard
 from barlow.training.loop import EpochMonitor, TrainingLoop
-from barlow.training.memory import MemoryEstimate, oom_message
-from barlow.training.setup import build_pretraining_run, init_device
+from barlow.training.memory import MemoryEstimate, is_out_of_memory, oom_message
+from barlow.training.setup import Run, build_pretraining_run, init_device
 from barlow.training.state import TrainState
 
 
@@ -63,53 +63,96 @@ def run_pretraining(
     argv: Sequence[str] | None,
     progress: bool | None,
 ) -> dict[str, Any]:
-    """:func:`pretrain` once its run directory is locked (on the main process)."""
+    """:func:`pretrain` once its run directory is locked (on the main process). ``--overwrite``
+    of a directory holding a run trains into a staging directory until the first checkpoint
+    (``rundir.Replacement``): a new run that fails before leaves the old one as it was."""
     main = distributed.is_main_process()
+    if main and (recovered := recover_replacement(run_dir)):
+        console(recovered)
     point = resuming.find_resume_point(run_dir, cfg, resume=resume, overwrite=overwrite)
-    run, estimate = build_pretraining_run(cfg, device, point, run_dir)
-    method = cast(Method, run.module)  # build_pretraining_run trains a Method
-    state = TrainState()
-    if point is not None and not point.weights_only:
-        state = TrainState.from_checkpoint(
-            point.state,
-            module=run.module,
-            optimizer=run.optimizer,
-            scaler=run.scaler,
-            steps_per_epoch=run.steps_per_epoch,
-        )
-        if main:
-            where = f", batch {state.step_in_epoch}" if state.step_in_epoch else ""
-            console(
-                f"resumed from {point.path} at epoch {state.epoch + 1}{where}, "
-                f"step {state.global_step}"
-            )
+    run, estimate = build_with_memory_advice(cfg, device, point, run_dir)
+    state = restored_state(run, point)
     show = main and (progress if progress is not None else True)
     if state.finished(
         cfg.train.epochs, cfg.train.max_steps
     ):  # a re-run: completes what a kill left unwritten, else a no-op
+        method = cast(Method, run.module)
         return complete_outputs(method, cfg, run_dir, state, device=device, progress=show)
+    replacement = Replacement(run_dir) if main and overwrite and run_dir.run_entries() else None
+    try:
+        return train_and_export(run, estimate, state, point, run_dir, replacement, argv, show)
+    except BaseException:
+        if replacement is not None:
+            replacement.abandon()  # the old run stays; nothing of the new one is left
+        raise
+
+
+def restored_state(run: Run, point: resuming.ResumePoint | None) -> TrainState:
+    """The training state to start from: the checkpoint's (announced), or a fresh one."""
+    if point is None or point.weights_only:
+        return TrainState()
+    state = TrainState.from_checkpoint(
+        point.state,
+        module=run.module,
+        optimizer=run.optimizer,
+        scaler=run.scaler,
+        steps_per_epoch=run.steps_per_epoch,
+        source=str(point.path),
+    )
+    if distributed.is_main_process():
+        where = f", batch {state.step_in_epoch}" if state.step_in_epoch else ""
+        console(
+            f"resumed from {point.path} at epoch {state.epoch + 1}{where}, step {state.global_step}"
+        )
+    return state
+
+
+def train_and_export(
+    run: Run,
+    estimate: MemoryEstimate,
+    state: TrainState,
+    point: resuming.ResumePoint | None,
+    run_dir: RunDir,
+    replacement: Replacement | None,
+    argv: Sequence[str] | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train to the end, then export the backbone and evaluate; the results."""
+    cfg, method, main = run.cfg, cast(Method, run.module), distributed.is_main_process()
+    write_dir = replacement.begin() if replacement is not None else run_dir
     record = {"config": cfg.to_dict(), "argv": list(argv or sys.argv), "version": __version__}
     if main and state.global_step == 0:  # a resume rewrites it with its first checkpoint
-        run_dir.write_config(record)
+        write_dir.write_config(record)
     signals = PreemptionSignals()
-    logbook = Logbook(run_dir.path, enabled=main)
-    with signals, contextlib.closing(logbook), flush_denormals(device):
-        guard = StepGuard.from_config(cfg, device=device, signals=signals)
+    logbook = Logbook(write_dir.path, enabled=main)
+
+    def swap_in() -> RunDir:  # the staged run has its first checkpoint: it replaces the old one
+        assert replacement is not None
+        logbook.close()
+        replacement.commit()
+        logbook.open(run_dir.path)
+        console(f"--overwrite: the new run wrote its first checkpoint; it replaced {run_dir.path}")
+        return run_dir
+
+    with signals, contextlib.closing(logbook), flush_denormals(run.device):
+        guard = StepGuard.from_config(cfg, device=run.device, signals=signals)
         loop = TrainingLoop(
             run,
-            run_dir,
+            write_dir,
             state,
             guard=guard,
             logbook=logbook,
-            progress=Progress(enabled=show),
-            monitors=pretraining_monitors(method, cfg, device),
+            progress=Progress(enabled=progress),
+            monitors=pretraining_monitors(method, cfg, run.device),
             last_saved=None if point is None or point.weights_only else str(point.path),
             run_record=record,
+            on_first_save=swap_in if replacement is not None else None,
         )
         epoch_metrics = fit_with_memory_advice(loop, estimate)
     results = {"pretrain": epoch_metrics, **corrupt_report(guard)}
     if main:
-        export_and_evaluate(method, cfg, run_dir, results, device=device, progress=show)
+        out = loop.run_dir  # the run directory itself once an --overwrite run swapped in
+        export_and_evaluate(method, cfg, out, results, device=run.device, progress=progress)
     distributed.barrier()
     return results
 
@@ -179,17 +222,35 @@ def fit_with_memory_advice(loop: TrainingLoop, estimate: MemoryEstimate) -> dict
     """``loop.fit()``; out of memory, the error says what to shrink (checkpoints stay intact)."""
     try:
         return loop.fit()
-    except torch.OutOfMemoryError as error:
-        raise torch.OutOfMemoryError(
-            oom_message(
-                loop.run.cfg,
-                world=distributed.world_size(),
-                step=loop.state.global_step,
-                epoch=loop.state.epoch,
-                last_saved=loop.last_saved,
-                estimate=estimate.summary(),
-            )
-        ) from error
+    except (RuntimeError, MemoryError) as error:
+        if not is_out_of_memory(error):
+            raise
+        where = f"at step {loop.state.global_step} (epoch {loop.state.epoch + 1})"
+        message = oom_message(
+            loop.run.cfg,
+            world=distributed.world_size(),
+            where=where,
+            last_saved=loop.last_saved,
+            estimate=estimate.summary(),
+        )
+        raise torch.OutOfMemoryError(message) from error
+
+
+def build_with_memory_advice(
+    cfg: Config, device: torch.device, point: resuming.ResumePoint | None, run_dir: RunDir
+) -> tuple[Run, MemoryEstimate]:
+    """:func:`build_pretraining_run`; out of memory, the error says what to shrink."""
+    try:
+        return build_pretraining_run(cfg, device, point, run_dir)
+    except (RuntimeError, MemoryError) as error:
+        if not is_out_of_memory(error):
+            raise
+        where = "building the model and its data"
+        last = str(point.path) if point is not None else None
+        message = oom_message(
+            cfg, world=distributed.world_size(), where=where, last_saved=last, estimate=None
+        )
+        raise torch.OutOfMemoryError(message) from error
 
 
 def corrupt_report(guard: StepGuard) -> dict[str, Any]:

@@ -61,7 +61,9 @@ def find_resume_point(
 
 
 def check_output_dir(run_dir: RunDir, *, resume: bool, overwrite: bool) -> Path | None:
-    """Refuse to mix two runs in one directory; return the checkpoint to resume from, if any."""
+    """Refuse to mix two runs in one directory; return the checkpoint to resume from, if any.
+    Nothing is removed here: ``--overwrite`` replaces the old run through ``rundir.Replacement``
+    once the new one has written its first checkpoint."""
     out_dir = run_dir.path
     if resume:
         return resume_checkpoint(run_dir)
@@ -70,12 +72,7 @@ def check_output_dir(run_dir: RunDir, *, resume: bool, overwrite: bool) -> Path 
             f"{out_dir} already holds a run; pass --resume to continue it, --overwrite to replace "
             "it, or choose another --out"
         )
-    if overwrite:
-        for path in (run_dir.checkpoint, run_dir.metrics_log, run_dir.metrics, run_dir.config):
-            path.unlink(missing_ok=True)
-        for snapshot in out_dir.glob("checkpoint-step*.pt"):
-            snapshot.unlink()
-    return None
+    return None  # --overwrite: the old run stays until the new one's first checkpoint (Replacement)
 
 
 def check_resume_target(run_dir: RunDir) -> None:

@@ -35,9 +35,19 @@ def resolve_device(name: str, distributed_device: torch.device) -> torch.device:
     """``train.device``: ``auto`` is the device ``distributed.init_from_env`` chose."""
     if name == "auto":
         return distributed_device
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = torch.device("meta")  # refused below, naming the choices
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(
+            f"train.device={name!r} is not a device barlow trains on; use auto, cpu, cuda, "
+            "cuda:N or mps"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name} but no CUDA GPU is visible; use train.device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"train.device={name} but MPS is not available; use train.device=cpu")
     return device
 
 
@@ -239,9 +249,15 @@ def pretraining_loader(
         device=device,
     )
     if len(loader) == 0:
+        images, fits = len(source.dataset), len(source.dataset) // world * world
+        fix = (
+            f"lower train.batch_size to at most {fits}"
+            if fits >= max(2, 2 * world)
+            else f"it needs at least {max(2, 2 * world)} images (2 per process); add images"
+        )
         raise ValueError(
-            f"dataset {cfg.data.dataset!r} has {len(source.dataset)} images, fewer than one "
-            f"batch of {cfg.train.batch_size}; lower train.batch_size"
+            f"dataset {cfg.data.dataset!r} has {images} image(s), fewer than one batch of "
+            f"{cfg.train.batch_size}; {fix}"
         )
     return loader, order
 

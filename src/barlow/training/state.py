@@ -13,7 +13,8 @@ from torch import nn
 from barlow import __version__, checkpoint, distributed
 
 # The keys a training checkpoint must hold to resume a run (validation skips files lacking
-# one). It also holds "step_in_epoch", optional: a checkpoint without it resumes at the epoch.
+# one). It also holds, optional: "step_in_epoch" (without it a run resumes at the epoch) and
+# "epoch_loss" (each rank's loss sum and step count so far in a checkpoint's unfinished epoch).
 CHECKPOINT_KEYS: tuple[str, ...] = (
     "format_version",
     "barlow_version",
@@ -35,6 +36,9 @@ class TrainState:
     epoch: int = 0
     step_in_epoch: int = 0
     global_step: int = 0
+    # this rank's sum of step losses and its count in the unfinished epoch, so that the epoch's
+    # loss after a mid-epoch resume is over the whole epoch (the loop sets it, and takes it back)
+    epoch_loss: tuple[float, int] = (0.0, 0)
 
     def to_checkpoint(
         self,
@@ -46,12 +50,13 @@ class TrainState:
     ) -> dict[str, Any] | None:
         """The checkpoint of this state: on the main process the dict to save, else None.
 
-        Collective: every process's RNG goes in (rank order), so a resume continues each
-        stream where it was; call it on every rank.
+        Collective: every process's RNG and epoch loss go in (rank order), so a resume
+        continues each where it was; call it on every rank.
         """
-        rngs = distributed.all_gather_object(checkpoint.rng_state())
+        ranks: list[Any] = distributed.all_gather_object((checkpoint.rng_state(), self.epoch_loss))
         if not distributed.is_main_process():
             return None
+        rngs, losses = [rng for rng, _ in ranks], [list(loss) for _, loss in ranks]
         return {
             "format_version": checkpoint.FORMAT_VERSION,
             "barlow_version": __version__,
@@ -63,6 +68,7 @@ class TrainState:
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "rng": rngs,
+            "epoch_loss": losses,
         }
 
     def finished(self, epochs: int, max_steps: int | None) -> bool:
@@ -78,6 +84,7 @@ class TrainState:
         optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler,
         steps_per_epoch: int,
+        source: str = "the checkpoint",
     ) -> TrainState:
         """Load ``saved`` into the module, optimizer, scaler and this process's RNGs (a
         checkpoint from W processes resumes on any number: rank r takes stream r, or stream 0
@@ -85,7 +92,7 @@ class TrainState:
         missing = [k for k in CHECKPOINT_KEYS if k not in saved]
         if missing:
             raise ValueError(f"the checkpoint lacks {missing}, so it cannot resume a run")
-        module.load_state_dict(saved["method"])
+        checkpoint.load_method_weights(module, saved["method"], source=source)
         optimizer.load_state_dict(saved["optimizer"])
         if saved["scaler"]:
             scaler.load_state_dict(saved["scaler"])
@@ -96,7 +103,21 @@ class TrainState:
         )
         if state.step_in_epoch >= steps_per_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        elif state.step_in_epoch:
+            state.epoch_loss = _rank_epoch_loss(saved.get("epoch_loss") or [])
         return state
+
+
+def _rank_epoch_loss(losses: list[list[float]]) -> tuple[float, int]:
+    """This rank's share of a checkpoint's unfinished epoch loss: its own entry when the world
+    size is unchanged, else the mean over the saved ranks (a fair stand-in: the epoch's loss is
+    the mean over ranks of each rank's mean)."""
+    if not losses:  # written before barlow kept it: the epoch's loss covers the resumed steps
+        return 0.0, 0
+    if len(losses) == distributed.world_size():
+        total, steps = losses[distributed.rank()]
+        return float(total), int(steps)
+    return sum(t for t, _ in losses) / len(losses), round(sum(n for _, n in losses) / len(losses))
 
 
 def validate_training_checkpoint(path: str | Path) -> dict[str, Any]:
