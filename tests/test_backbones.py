@@ -1,9 +1,7 @@
-"""The backbone contract: pooled (B, num_features) features for every registered name."""
+"""The backbone contract: pooled (B, num_features) features for every registered name (timm
+models: test_timm_backbone.py)."""
 
 import functools
-import importlib.util
-import sys
-import types
 
 import pytest
 import torch
@@ -91,47 +89,3 @@ def test_unknown_name_lists_the_valid_ones() -> None:
 def test_bad_in_channels_is_rejected() -> None:
     with pytest.raises(ValueError, match="in_channels"):
         create_backbone("small_cnn", in_channels=0)
-
-
-def test_timm_backbone_without_timm_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_find_spec = importlib.util.find_spec
-
-    def find_spec(name: str, *args: object) -> object:
-        return None if name == "timm" else real_find_spec(name, *args)
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    with pytest.raises(ValueError, match="pip install timm"):
-        create_backbone("timm:resnet50")
-
-
-@pytest.fixture
-def fake_timm(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, object]]:
-    """A stand-in timm module that records create_model calls and knows one model."""
-    calls: list[dict[str, object]] = []
-
-    def create_model(name: str, **kwargs: object) -> nn.Module:
-        calls.append({"name": name, **kwargs})
-        return nn.Flatten()
-
-    module = types.ModuleType("timm")
-    module.create_model = create_model
-    module.is_model = lambda name: name == "vit_tiny"
-    monkeypatch.setitem(sys.modules, "timm", module)
-    real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util,
-        "find_spec",
-        lambda name, *a: object() if name == "timm" else real_find_spec(name, *a),
-    )
-    return calls
-
-
-def test_timm_backbone_is_built_headless(fake_timm: list[dict[str, object]]) -> None:
-    create_backbone("timm:vit_tiny", in_channels=1)
-    assert fake_timm == [{"name": "vit_tiny", "num_classes": 0, "in_chans": 1}]
-
-
-def test_unknown_timm_model_says_how_to_list_names(fake_timm: list[dict[str, object]]) -> None:
-    with pytest.raises(ValueError, match="list_models"):
-        create_backbone("timm:vit_tinny")
-    assert fake_timm == []

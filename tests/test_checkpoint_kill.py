@@ -27,6 +27,8 @@ from barlow.training.state import CHECKPOINT_KEYS
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 TRIALS = 10
+DURING_A_WRITE = 3  # kills go on past TRIALS until this many landed while a temp file existed
+MAX_TRIALS = 40  # measured: 2 to 5 of the first 10 kills land during a write
 SIZE = 500_000  # float32 values: a 2 MB checkpoint
 
 # Reads "<run_dir> <mode>" lines; for each forks a saver and prints "child <pid>"; reads "reap"
@@ -54,15 +56,17 @@ HELPER = textwrap.dedent(
         print("stalled", flush=True)
         time.sleep(120)
 
-    def saver(run_dir, size, stall):
+    def saver(run_dir, size, mode):
         step = 0
         while True:
             step += 1
-            if stall and step == 2:
+            if mode == "stall" and step == 2:
                 torch.save = half_then_hang
             save_checkpoint(state(step, size), run_dir / "checkpoint.pt")
             retain(run_dir, keep_last=2, required_keys=CHECKPOINT_KEYS)
             print("saved", step, flush=True)
+            if mode == "idle":  # the negative case: every kill lands between saves
+                time.sleep(120)
 
     real_save = torch.save
     size = int(sys.argv[1])
@@ -76,7 +80,7 @@ HELPER = textwrap.dedent(
         child = os.fork()
         if child == 0:
             try:
-                saver(Path(run_dir), size, mode == "stall")
+                saver(Path(run_dir), size, mode)
             finally:
                 os._exit(1)
         print("child", child, flush=True)
@@ -169,18 +173,39 @@ def check_run_dir(run_dir: Path, last_reported: int) -> int:
     return step
 
 
-def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(tmp_path, helper, recwarn):
-    delays = random.Random(20240601).choices([i / 100 for i in range(40)], k=TRIALS)
-    during_write = 0
-    for trial, delay in enumerate(delays):
-        run_dir = tmp_path / f"trial{trial}"
-        pid, lines = helper.start(run_dir, "loop", until="saved 1")
+def kill_at_random_moments(
+    helper: Helper, tmp_path: Path, mode: str, trials: int, during_a_write: int = 0
+) -> tuple[int, int]:
+    """Kill savers at seeded random moments and check each run directory, ``trials`` times and
+    on until ``during_a_write`` kills landed during a write (at most MAX_TRIALS); returns
+    (kills during a write, kills)."""
+    delays = random.Random(20240601)
+    during_write = done = 0
+    while done < trials or (during_write < during_a_write and done < MAX_TRIALS):
+        (delay,) = delays.choices([i / 100 for i in range(40)], k=1)
+        run_dir = tmp_path / f"trial{done}"
+        pid, lines = helper.start(run_dir, mode, until="saved 1")
         time.sleep(delay)
         lines += helper.kill(pid)
         during_write += any(name.endswith(".tmp") for name in os.listdir(run_dir))
         check_run_dir(run_dir, int(lines[-1].split()[1]))
-    print(f"{TRIALS} kills, {during_write} during a write")  # pytest -s shows it
+        done += 1
+    return during_write, done
+
+
+def test_sigkill_at_random_moments_leaves_a_loadable_checkpoint(tmp_path, helper, recwarn):
+    during_write, kills = kill_at_random_moments(helper, tmp_path, "loop", TRIALS, DURING_A_WRITE)
+    print(f"{kills} kills, {during_write} during a write")  # pytest -s shows it
+    assert during_write >= DURING_A_WRITE, f"{during_write} of {kills} kills hit a write"
     assert not [w for w in recwarn.list if issubclass(w.category, RuntimeWarning)]
+
+
+def test_the_kill_count_catches_kills_that_all_miss_the_writes(tmp_path, helper):
+    """Negative case: a saver idle between its saves is never killed inside one. The old test
+    counted the kills during a write but asserted nothing about the count, so it passed such
+    trials; the assertion above fails them."""
+    during_write, kills = kill_at_random_moments(helper, tmp_path, "idle", trials=3)
+    assert (during_write, kills) == (0, 3)
 
 
 def test_sigkill_in_the_middle_of_writing_the_temp_file(tmp_path, helper, recwarn):

@@ -22,6 +22,7 @@ from barlow.compute import (
 from barlow.config import load_config
 from barlow.encoder import build_method
 from barlow.training import CHECKPOINT_NAME, pretrain
+from comparisons import rel_err
 
 CPU = torch.device("cpu")
 
@@ -63,8 +64,50 @@ def test_other_devices_and_unknown_names() -> None:
         Precision.resolve("fp8", CPU)
 
 
-def test_the_probe_answers_a_bool() -> None:
-    assert isinstance(compute.cpu_has_native_bf16(), bool)
+def cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (Linux), or None where there is none."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = [
+        line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")
+    ]
+    return set(flags[0]) if flags else None
+
+
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}
+PROBES = ["cpu_has_native_bf16", "broken: a fixed answer"]
+
+
+@pytest.mark.parametrize("probe", PROBES)
+def test_the_probe_finds_native_bf16_where_the_cpu_has_it(probe: str) -> None:
+    """A CPU listing AVX512-BF16 or AMX-BF16 has native bf16; one without AVX-512 has not.
+    (The old check, that the answer is a bool, passed a probe that always says False.)"""
+    flags = cpu_flags()
+    if flags is None or "avx2" not in flags:
+        pytest.skip("not an x86 Linux CPU: no /proc/cpuinfo flags to compare with")
+    if not flags & BF16_FLAGS and "avx512bw" in flags:
+        # torch's probe asks for AVX512BW/VL/DQ, not AVX512-BF16: it answers True here
+        pytest.skip("AVX-512 without AVX512-BF16: the probe's answer is not pinned down")
+    native = bool(flags & BF16_FLAGS)
+    # The negative case is deliberately broken: a fixed answer, the wrong one for this CPU.
+    answer = compute.cpu_has_native_bf16() if probe == "cpu_has_native_bf16" else not native
+    assert isinstance(answer, bool)  # the old check
+    assert (answer == native) == (probe == "cpu_has_native_bf16"), sorted(flags & BF16_FLAGS)
+
+
+def test_the_probe_says_no_where_it_cannot_ask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build without oneDNN, or without its probe, answers False rather than raising."""
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert compute.cpu_has_native_bf16() is False
+    monkeypatch.undo()
+
+    def missing() -> bool:
+        raise RuntimeError("no such op")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", missing)
+    assert compute.cpu_has_native_bf16() is False
 
 
 def test_channels_last_applies_on_cpu_and_cuda_only() -> None:
@@ -86,13 +129,13 @@ def test_channels_last_keeps_outputs_and_gradients() -> None:
     (x_nhwc,) = images_channels_last([x])
     assert x_nhwc.is_contiguous(memory_format=torch.channels_last)
     out, out_nhwc = plain(x), nhwc(x_nhwc)
-    torch.testing.assert_close(out_nhwc, out, rtol=1e-5, atol=1e-5)
+    assert rel_err(out_nhwc, out) < 4e-6  # another summation order: measured 4.0e-7
     out.square().sum().backward()
     out_nhwc.square().sum().backward()
     for a, b in zip(plain.parameters(), nhwc.parameters(), strict=True):
         assert a.grad is not None and b.grad is not None
-        # summation order differs between the layouts: compare relative to the gradient's norm
-        assert (b.grad - a.grad).norm() <= 1e-4 * a.grad.norm()
+        # summation order differs between the layouts: measured up to 1.3e-5 (the conv weights)
+        assert rel_err(b.grad, a.grad) < 1e-4
 
 
 def test_images_channels_last_passes_other_tensors_through() -> None:
@@ -111,7 +154,10 @@ def test_bf16_autocast_step_keeps_a_float32_loss_near_fp32() -> None:
         mixed = method(views).loss
     assert mixed.dtype == torch.float32
     assert torch.isfinite(mixed)
-    torch.testing.assert_close(mixed, exact, rtol=5e-2, atol=0.0)
+    # bf16 keeps 8 significant bits; measured 7.5e-4 here (1.3e-4 to 7.7e-4 over seeds 0-3).
+    # The Barlow Twins loss itself computed in bf16 is 2.4e-3 off at this seed; rtol=5e-2 let it
+    # through. (That loss is caught exactly by tests/losses/test_barlow_twins.py.)
+    torch.testing.assert_close(mixed, exact, rtol=1.5e-3, atol=0.0)
     assert mixed != exact  # autocast really ran in bf16
 
 

@@ -17,7 +17,13 @@ from torch import Tensor, nn
 from barlow import distributed
 from barlow.losses import barlow_twins_loss
 from comparisons import max_rel_err, rel_err
-from processes import join_as_rank, leave_process_group, save_rank_result
+from processes import (
+    BROKEN_GATHERS,
+    distributed_replaced,
+    join_as_rank,
+    leave_process_group,
+    save_rank_result,
+)
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 16
@@ -69,13 +75,6 @@ def ddp_run(path: str, rank: int) -> dict[str, Tensor]:
     return loss_and_grads(model, shard(x1, rank), shard(x2, rank))
 
 
-def gather_then_reinsert_own_rows(x: Tensor) -> Tensor:
-    """The classic bug: gather without autograd, put the local rows back; gradients end at 1/W."""
-    gathered = list(distributed.all_gather_no_grad(x).chunk(WORLD_SIZE))
-    gathered[distributed.rank()] = x
-    return torch.cat(gathered)
-
-
 def checks_in_worker(rank: int) -> dict[str, Any]:
     results: dict[str, Any] = {
         "device": str(distributed.init_from_env(backend="gloo")),
@@ -90,16 +89,9 @@ def checks_in_worker(rank: int) -> dict[str, Any]:
 
     # Negative controls: the same comparison must notice a loss that skips the gather, and a
     # gather whose backward does not sum gradients across ranks.
-    real_gather = distributed.gather_with_grad
-    for name, broken in [
-        ("no_gather", lambda x: x),
-        ("no_grad_sum", gather_then_reinsert_own_rows),
-    ]:
-        distributed.gather_with_grad = broken  # losses looks it up at call time
-        try:
+    for name, broken in BROKEN_GATHERS.items():
+        with distributed_replaced("gather_with_grad", broken):
             results[f"broken/{name}"] = ddp_run("gram", rank)
-        finally:
-            distributed.gather_with_grad = real_gather
 
     # gather_with_grad on its own: rank-specific rows in, rank-specific loss weights out.
     x = torch.full((2, 3), float(rank + 1), requires_grad=True)
@@ -159,21 +151,21 @@ def test_ddp_loss_and_gradients_equal_single_process(
 ) -> None:
     reference = single_process(path)
     for result in ranks:
-        assert max_rel_err(result[f"ddp/{path}"], reference) < 1e-5
+        assert max_rel_err(result[f"ddp/{path}"], reference) < 2e-6  # measured 1.7e-7
 
 
-@pytest.mark.parametrize("broken", ["no_gather", "no_grad_sum"])
+@pytest.mark.parametrize("broken", sorted(BROKEN_GATHERS))
 def test_the_comparison_catches_broken_gathering(
     ranks: list[dict[str, Any]], single_process: Callable[[str], dict[str, Tensor]], broken: str
 ) -> None:
     reference = single_process("gram")
-    result = ranks[0][f"broken/{broken}"]
-    assert max_rel_err(result, reference) > 1e-2
-    if broken == "no_grad_sum":
-        # The loss is right; only the gradients are off, by the factor 1/W.
-        assert rel_err(result["loss"], reference["loss"]) < 1e-5
-        weight = "projector.2.weight"
-        assert rel_err(result[weight], reference[weight] / WORLD_SIZE) < 1e-5
+    for result in (rank[f"broken/{broken}"] for rank in ranks):
+        assert max_rel_err(result, reference) > 1e-2
+        if broken == "no_grad_sum":
+            # The loss is right; only the gradients are off, by the factor 1/W.
+            assert rel_err(result["loss"], reference["loss"]) < 2e-6
+            weight = "projector.2.weight"
+            assert rel_err(result[weight], reference[weight] / WORLD_SIZE) < 2e-6
 
 
 def test_local_shard_loss_differs_from_global_loss(

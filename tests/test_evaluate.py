@@ -263,7 +263,8 @@ def test_linear_probe_is_close_to_sklearn_on_digits(
 
     assert set(result) == {"train_acc", "test_acc", "train_loss"}
     assert result["test_acc"] >= 0.9
-    assert abs(result["test_acc"] - sklearn_accuracy) <= 0.02, (result, sklearn_accuracy)
+    # two solvers: measured 1 of 450 test images (0.0022); 0.01 is 4.5 images
+    assert abs(result["test_acc"] - sklearn_accuracy) <= 0.01, (result, sklearn_accuracy)
     assert result["train_acc"] >= result["test_acc"] - 0.02
     assert math.isfinite(result["train_loss"])
 
@@ -277,8 +278,9 @@ def test_linear_probe_does_not_depend_on_chunking(
     whole = linear_probe(train, test, epochs=20, device=CPU)
     chunked = linear_probe(train, test, epochs=20, chunk_size=100, device=CPU)
 
-    assert chunked["test_acc"] == pytest.approx(whole["test_acc"], abs=0.01)
-    assert chunked["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-2)
+    # chunking changes summation order only: measured 0 (accuracy), 7.6e-7 (loss)
+    assert chunked["test_acc"] == pytest.approx(whole["test_acc"], abs=1 / 450)
+    assert chunked["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
 
 
 def test_linear_probe_leaves_the_features_untouched() -> None:
@@ -333,6 +335,12 @@ def test_extract_features_keeps_the_encoder_and_the_order(
     with torch.no_grad():
         expected = encoder.eval()(normalise(images))
     torch.testing.assert_close(features.features, expected)
+    # Negative control: an extraction that left the encoder in train mode would move BatchNorm's
+    # statistics, and the bitwise comparison above sees it.
+    with torch.no_grad():
+        encoder.train()(normalise(images[:64]))
+    with pytest.raises(AssertionError):
+        assert_bitwise_equal(before, encoder)
 
 
 def test_extract_features_takes_float_images_and_refuses_raw_uint8() -> None:

@@ -65,8 +65,9 @@ def test_lars_matches_hand_written_update_over_three_steps(filters):
             expected[key] = reference_lars_step(
                 p, grads[key], mu, **hyper, decay=plain, adapt=plain
             )
-    torch.testing.assert_close(weight.detach(), expected["w"][0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(bias.detach(), expected["b"][0], rtol=1e-12, atol=1e-12)
+    # float64 both ways: measured 5.6e-15 relative, 4.7e-17 absolute
+    torch.testing.assert_close(weight.detach(), expected["w"][0], rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(bias.detach(), expected["b"][0], rtol=1e-13, atol=1e-15)
 
 
 def test_official_split_via_build_optimizer():
@@ -242,7 +243,9 @@ def test_sgd_and_adamw_are_fused_and_update_as_the_plain_kernels(name):
             m(x).square().mean().backward()
             opt.step()
     for a, b in zip(model.parameters(), reference_model.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        # three steps of two kernels: measured 8.9e-8 absolute (near-zero weights, where the
+        # relative error is meaningless) on weights of ~0.3
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=5e-7)
 
 
 def test_parameters_off_cpu_and_cuda_are_not_fused():

@@ -9,6 +9,7 @@ kNN each epoch, the final evaluation) and by the commands that read a checkpoint
 from __future__ import annotations
 
 import errno
+import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -90,7 +91,10 @@ class EvalData:
         download: bool = False,
         crop_size: int | None = None,
         num_workers: int = 0,
+        encoder_dataset: str | None = None,
     ) -> EvalData:
+        """``encoder_dataset``: the dataset the encoder was pretrained on, when it is another
+        (transfer): its channels and normalisation are the encoder's input."""
         info = data.dataset_info(dataset)
         train = data.build_dataset(dataset, split="train", root=root, download=download)
         test = data.build_dataset(dataset, split="test", root=root, download=download)
@@ -103,22 +107,24 @@ class EvalData:
         num_classes = info.num_classes or len(getattr(train, "classes", [])) or 0
         if num_classes < 2:
             raise ValueError(f"dataset {dataset!r} needs at least 2 classes to evaluate")
-        return cls(
-            train, test, EvalPreprocess(size, info.mean, info.std), size, num_classes, num_workers
-        )
+        seen = data.dataset_info(encoder_dataset) if encoder_dataset else info
+        preprocess = EvalPreprocess(size, seen.mean, seen.std, channels=seen.channels)
+        return cls(train, test, preprocess, size, num_classes, num_workers)
 
     @classmethod
     def from_config(
         cls, cfg: Config, *, dataset: str | None = None, root: str | None = None
     ) -> EvalData:
         """The labelled splits of ``dataset`` (default: the run's own, at ``data.root``) at the
-        run's crop size."""
+        run's crop size; another dataset than the run's is seen as the encoder saw its own."""
+        other = dataset is not None and dataset != cfg.data.dataset
         return cls.build(
             dataset or cfg.data.dataset,
             root=root if dataset else (root or cfg.data.root),
             download=cfg.data.download,
             crop_size=crop_size(cfg),
             num_workers=cfg.data.num_workers,
+            encoder_dataset=cfg.data.dataset if other else None,
         )
 
     def batches(self, split: str, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -315,8 +321,16 @@ def run_knn(
     acc = knn_top1(method.backbone, eval_data, cfg, device=device, progress=True)
     result = {"knn_top1": acc, "k": cfg.eval.knn_k, "temperature": cfg.eval.knn_temperature}
     print(f"kNN top-1 (k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}): {100 * acc:.2f} %")
-    save_result(Path(path).parent / "metrics.json", {"knn": result})
+    save_result(Path(path).parent / "metrics.json", {result_key("knn", dataset, cfg): result})
     return result
+
+
+def result_key(name: str, dataset: str | None, cfg: Config) -> str:
+    """The key of a result in ``metrics.json``: ``name`` on the run's own dataset, and
+    ``name@<dataset>`` on another (transfer), so one never replaces the other."""
+    if dataset is None or dataset == cfg.data.dataset:
+        return name
+    return f"{name}@{Path(dataset).name if os.sep in dataset else dataset}"
 
 
 def save_result(path: Path, record: dict[str, Any]) -> None:
@@ -370,7 +384,8 @@ def run_linear(
         print(f"linear evaluation (paper protocol) top-1: {100 * result['top1']:.2f} %")
     else:
         raise ValueError(f"unknown protocol {protocol!r}; choose probe or paper")
-    save_result(Path(path).parent / "metrics.json", {f"linear_{protocol}": result})
+    key = result_key(f"linear_{protocol}", dataset, cfg)
+    save_result(Path(path).parent / "metrics.json", {key: result})
     return result
 
 

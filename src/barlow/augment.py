@@ -207,18 +207,46 @@ def normalize_batch(images: Tensor, mean: Sequence[float], std: Sequence[float])
     return (x - m) / s
 
 
+def match_channels(images: Tensor, channels: int) -> Tensor:
+    """(B, C, H, W) images with ``channels`` channels: greyscale to RGB repeats the channel, RGB
+    to greyscale is ITU-R 601 luma (PIL's "L"), in the images' dtype (uint8 rounded)."""
+    have = images.shape[1]
+    if have == channels:
+        return images
+    if (have, channels) == (1, 3):
+        return images.expand(-1, 3, -1, -1)
+    if (have, channels) == (3, 1):
+        luma = torch.tensor([0.299, 0.587, 0.114], device=images.device).view(1, 3, 1, 1)
+        grey = (images.float() * luma).sum(1, keepdim=True)
+        return grey.round().to(images.dtype) if images.dtype == torch.uint8 else grey
+    raise ValueError(
+        f"images with {have} channels cannot be given to an encoder of {channels}; barlow "
+        "converts between 1 (greyscale) and 3 (RGB) only"
+    )
+
+
 class EvalPreprocess:
-    """Deterministic batched preprocessing for evaluation: resize to the crop size, normalise.
+    """Deterministic batched preprocessing for evaluation: channels matched to the encoder's,
+    resized to the crop size, normalised.
 
     Images of a fixed size (in-memory datasets) are resized as a batch; image folders are resized
-    and centre-cropped per sample in the loader (``eval_sample_transform``) before this runs.
+    and centre-cropped per sample in the loader (``eval_sample_transform``) before this runs. An
+    encoder evaluated on another dataset than its own (transfer) gets its own dataset's channels
+    and normalisation, as a torchvision model pretrained on ImageNet gets ImageNet's.
     """
 
-    def __init__(self, crop_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        crop_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        channels: int | None = None,
+    ) -> None:
         self.crop_size, self.mean, self.std = crop_size, tuple(mean), tuple(std)
+        self.channels = channels or len(self.mean)
 
     def __call__(self, images: Tensor) -> Tensor:
-        x = normalize_batch(images, self.mean, self.std)
+        x = normalize_batch(match_channels(images, self.channels), self.mean, self.std)
         if x.shape[-1] != self.crop_size or x.shape[-2] != self.crop_size:
             x = F.interpolate(
                 x, size=(self.crop_size, self.crop_size), mode="bilinear", antialias=True
@@ -239,6 +267,7 @@ class LinearEvalAugment:
 
     def __init__(self, crop_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
         spec = ViewSpec(crop_size=crop_size, mean=tuple(mean), std=tuple(std))
+        self.channels = len(spec.mean)
         # Bilinear, as the released evaluation code (torchvision's default); pretraining is bicubic.
         self.crop = v2.Compose(
             [
@@ -251,5 +280,5 @@ class LinearEvalAugment:
         self.mean, self.std = spec.mean, spec.std
 
     def __call__(self, images: Tensor) -> Tensor:
-        cropped = torch.stack([self.crop(img) for img in images])
+        cropped = torch.stack([self.crop(img) for img in match_channels(images, self.channels)])
         return normalize_batch(cropped, self.mean, self.std)

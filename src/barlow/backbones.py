@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torchvision.models import resnet
 
 _RESNETS = {"resnet18": resnet.resnet18, "resnet34": resnet.resnet34, "resnet50": resnet.resnet50}
 BACKBONES = (*_RESNETS, "small_cnn")
+TIMM_PREFIX = "timm:"
 
 
 class ResNetTrunk(nn.Module):
@@ -60,11 +64,110 @@ class SmallCNN(nn.Module):
         return self.features(x)
 
 
-def create_backbone(name: str, *, in_channels: int = 3, small_images: bool = False) -> nn.Module:
+def timm_model_name(backbone: str) -> str:
+    """The timm model of ``backbone = "timm:NAME"``: NAME, checked against timm's registry.
+
+    Raises ValueError naming ``pip install barlow[timm]`` when timm is missing, and the closest
+    registered names when timm has no model NAME (architectures only: nothing is fetched from
+    the Hugging Face Hub or a folder).
+    """
+    name = backbone.removeprefix(TIMM_PREFIX)
+    if importlib.util.find_spec("timm") is None:
+        raise ValueError(f"backbone {backbone!r} needs timm: pip install barlow[timm]")
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.5)
+        hint = f"; closest: {', '.join(close)}" if close else ""
+        remote = ":" in name or "/" in name
+        source = " (give a registered architecture, not a Hub id or a path)" if remote else ""
+        raise ValueError(
+            f"timm has no model {name!r}{source}{hint}; "
+            "timm.list_models('*pattern*') lists the names"
+        )
+    return name
+
+
+def _size_error(name: str, image_size: int, reason: str) -> ValueError:
+    return ValueError(
+        f"timm model {name!r} cannot take {image_size}-px images ({reason}); "
+        "choose another data.crop_size or another model"
+    )
+
+
+class TimmTrunk(nn.Module):
+    """A timm model without its classifier (``num_classes=0``), randomly initialised.
+
+    Weights are never downloaded: ``pretrained=False`` always, and there is no option for timm's
+    pretrained weights (a tag such as ``resnet50.a1_in1k`` picks only the architecture's config).
+    Models with a fixed input size (ViTs) are built for ``image_size`` (timm's ``img_size``).
+    ``num_features`` is the width of the pooled output, measured by one forward pass of a blank
+    image at ``image_size`` in eval mode (so it is ``head_hidden_size`` where timm's head has a
+    pre-logits layer, e.g. MobileNetV3); a model that cannot take that size fails here. The
+    timm model sits under ``.net``: strip ``net.`` from an exported state dict to load it into
+    ``timm.create_model(NAME, num_classes=0, in_chans=C)`` (and ``img_size`` if fixed-size).
+    """
+
+    def __init__(self, name: str, *, in_channels: int = 3, image_size: int | None = None) -> None:
+        super().__init__()
+        import timm
+        from timm.models import get_pretrained_cfg
+
+        try:
+            config = get_pretrained_cfg(name)
+        except RuntimeError as exc:  # an architecture with an unknown pretrained tag
+            raise ValueError(f"timm model {name!r}: {exc}") from exc
+        kwargs: dict[str, Any] = {}
+        if image_size is not None and config is not None and config.fixed_input_size:
+            kwargs["img_size"] = image_size
+        if image_size is None:
+            image_size = config.input_size[-1] if config is not None else 224
+        try:
+            self.net: nn.Module = timm.create_model(
+                name, pretrained=False, num_classes=0, in_chans=in_channels, **kwargs
+            )
+        except TypeError as exc:  # a fixed-size model whose constructor takes no img_size
+            if "img_size" not in str(exc):
+                raise
+            reason = "a fixed input size and no img_size argument"
+            raise _size_error(name, image_size, reason) from exc
+        except Exception as exc:  # timm's size checks raise many kinds (assert, modulo by zero)
+            if not kwargs:
+                raise
+            raise _size_error(name, image_size, f"{type(exc).__name__}: {exc}") from exc
+        self.num_features: int = self._probe_width(name, in_channels, image_size)
+
+    def _probe_width(self, name: str, in_channels: int, image_size: int) -> int:
+        """The width of the features of one blank image: also the check that the size fits."""
+        first = next(self.net.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+        blank = torch.zeros(1, in_channels, image_size, image_size, device=device)
+        training = self.net.training
+        try:
+            # eval: BatchNorm statistics stay untouched and no random numbers are drawn
+            with torch.no_grad():
+                h = self.net.eval()(blank)
+        except Exception as exc:  # as above: a kernel larger than the map, windows that do not tile
+            raise _size_error(name, image_size, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self.net.train(training)
+        if h.dim() != 2:
+            raise ValueError(f"timm model {name!r} gives {tuple(h.shape)} features, not (B, D)")
+        return int(h.shape[1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        out: Tensor = self.net(x)
+        return out
+
+
+def create_backbone(
+    name: str, *, in_channels: int = 3, small_images: bool = False, image_size: int | None = None
+) -> nn.Module:
     """Build an encoder by name: ``resnet18|34|50``, ``small_cnn`` or ``timm:<model>``.
 
     The returned module maps (B, C, H, W) images to (B, num_features) features and exposes
-    ``.num_features``.
+    ``.num_features``. ``small_images`` is for the torchvision ResNets; ``image_size`` (the crop
+    side) for timm models, which keep their own stem (see :class:`TimmTrunk`).
     """
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1 (1 grayscale, 3 RGB), got {in_channels}")
@@ -72,17 +175,9 @@ def create_backbone(name: str, *, in_channels: int = 3, small_images: bool = Fal
         return ResNetTrunk(name, in_channels=in_channels, small_images=small_images)
     if name == "small_cnn":
         return SmallCNN(in_channels=in_channels)
-    if name.startswith("timm:"):
-        if importlib.util.find_spec("timm") is None:
-            raise ValueError(f"backbone {name!r} needs timm: pip install timm")
-        import timm
-
-        if not timm.is_model(name[5:]):
-            raise ValueError(
-                f"timm has no model {name[5:]!r}; list names with timm.list_models('*pattern*')"
-            )
-        model: nn.Module = timm.create_model(name[5:], num_classes=0, in_chans=in_channels)
-        return model
+    if name.startswith(TIMM_PREFIX):
+        model = timm_model_name(name)
+        return TimmTrunk(model, in_channels=in_channels, image_size=image_size)
     raise ValueError(
         f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} or timm:<name>"
     )
@@ -93,4 +188,12 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-__all__ = ["BACKBONES", "ResNetTrunk", "SmallCNN", "count_parameters", "create_backbone"]
+__all__ = [
+    "BACKBONES",
+    "ResNetTrunk",
+    "SmallCNN",
+    "TimmTrunk",
+    "count_parameters",
+    "create_backbone",
+    "timm_model_name",
+]

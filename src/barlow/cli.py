@@ -42,8 +42,48 @@ def _pretrain(args: argparse.Namespace) -> int:
         argv=sys.argv,
         progress=not args.quiet,
     )
-    print(f"run written to {out}")
+    _say_once(f"run written to {out}")
     return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from barlow.training.finetune import finetune
+
+    overrides = list(args.set)
+    if args.labels is not None:
+        overrides.insert(0, f"finetune.labels={_quoted(args.labels)}")
+    if args.epochs is not None:
+        overrides.insert(0, f"train.epochs={args.epochs}")
+    out = Path(args.out) if args.out else _finetune_out(args.checkpoint, args.labels, args.data)
+    finetune(
+        args.checkpoint,
+        out,
+        recipe=args.recipe,
+        overrides=overrides,
+        dataset=args.data,
+        root=args.data_root,
+        resume=args.resume,
+        argv=sys.argv,
+        progress=not args.quiet,
+    )
+    _say_once(f"fine-tuning written to {out}")
+    return 0
+
+
+def _finetune_out(checkpoint: str, labels: str | None, dataset: str | None) -> Path:
+    """Default --out: ``finetune-<labels>[-<dataset>]`` beside the checkpoint."""
+    name = "finetune-" + re.sub(r"[^A-Za-z0-9.]+", "", (labels or "recipe").replace("%", "pct"))
+    if dataset:
+        name += "-" + re.sub(r"[^A-Za-z0-9.-]+", "_", Path(dataset).name)
+    return Path(checkpoint).parent / name
+
+
+def _say_once(line: str) -> None:
+    """Print ``line`` on the main process only (under torchrun every rank runs the command)."""
+    from barlow import distributed
+
+    if distributed.is_main_process():
+        print(line)
 
 
 def _quoted(value: str) -> str:
@@ -63,6 +103,48 @@ def _evaluate(args: argparse.Namespace) -> int:
             protocol=args.protocol,
             overrides=args.set,
         )
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from barlow.export import ExportVerificationError, export_checkpoint
+
+    try:
+        done = export_checkpoint(args.checkpoint, args.format, args.out, overwrite=args.overwrite)
+    except ExportVerificationError as exc:  # the export is wrong, not the input: nothing written
+        print(f"barlow export: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.format} export written to {done.path}, model card {done.card}")
+    if done.check:
+        print(done.check)
+    return 0
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from barlow.embed import embed
+
+    done = embed(
+        args.checkpoint,
+        args.out,
+        dataset=args.data,
+        root=args.data_root,
+        split=args.split,
+        batch_size=args.batch_size,
+        device=args.device,
+        neighbours=args.neighbours,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        overrides=args.set,
+    )
+    files = done.files
+    print(
+        f"{done.count} embeddings of {done.dim} features written to {files.embeddings}, "
+        f"images listed in {files.table} ({done.seconds:.1f} s)"
+    )
+    if done.neighbours:
+        print(f"{done.neighbours} nearest neighbours in {files.neighbours}, {files.neighbour_sims}")
+    for split, agreement in done.agreement.items():
+        print(f"neighbours sharing the image's label ({split}): {100 * agreement:.2f} %")
     return 0
 
 
@@ -138,6 +220,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_pretrain)
 
+    f = sub.add_parser(
+        "finetune",
+        help="fine-tune an encoder on few labels, beside from-scratch and probe baselines",
+    )
+    f.add_argument("checkpoint", help="checkpoint.pt written by `barlow pretrain`")
+    f.add_argument(
+        "--labels",
+        help="labelled subset: 1%%, 10%%, N (images in all, class-stratified) or an index file",
+    )
+    f.add_argument("--recipe", default="paper", help="fine-tuning recipe (default: paper)")
+    f.add_argument("--data", help="fine-tune on another labelled dataset (transfer)")
+    f.add_argument("--data-root", help="directory holding that dataset's files")
+    f.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
+    f.add_argument("--out", help="output directory (default: finetune-<labels> beside CKPT)")
+    f.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. finetune.head_lr=1"
+    )
+    f.add_argument("--resume", action="store_true", help="continue the fine-tuning in --out")
+    f.add_argument("--quiet", action="store_true", help="no progress lines")
+    f.set_defaults(func=_finetune)
+
     for name, text in (("knn", "weighted kNN accuracy"), ("linear", "linear-probe accuracy")):
         e = sub.add_parser(name, help=f"{text} of a pretrained checkpoint")
         e.add_argument("checkpoint", help="checkpoint.pt written by `barlow pretrain`")
@@ -154,6 +257,45 @@ def build_parser() -> argparse.ArgumentParser:
                 help="probe: fast, frozen features; paper: linear head trained with augmentation",
             )
         e.set_defaults(func=_evaluate)
+
+    x = sub.add_parser("export", help="export a pretrained encoder for other programs")
+    x.add_argument("checkpoint", help="checkpoint.pt written by `barlow pretrain`")
+    x.add_argument(
+        "--format",
+        required=True,
+        help="torchvision (state dict for torchvision.models.resnet*), safetensors, onnx "
+        "(needs barlow[export]) or torchscript",
+    )
+    x.add_argument("--out", help="folder for the file and MODEL.md (default: export/ beside it)")
+    x.add_argument("--overwrite", action="store_true", help="replace files already in --out")
+    x.set_defaults(func=_export)
+
+    b = sub.add_parser("embed", help="write the encoder's features of every image of a dataset")
+    b.add_argument("checkpoint", help="checkpoint.pt written by `barlow pretrain`")
+    b.add_argument("--out", required=True, help="features file, e.g. emb.npy (emb.csv beside it)")
+    b.add_argument("--data", help="dataset name or image folder (default: the run's dataset)")
+    b.add_argument("--data-root", help="directory holding the dataset's files")
+    b.add_argument(
+        "--split",
+        choices=("train", "test", "all"),
+        default="all",
+        help="which split's images (default: all, the train split then the test split)",
+    )
+    b.add_argument(
+        "--neighbours",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also write each image's K nearest neighbours (cosine, itself excluded)",
+    )
+    b.add_argument("--batch-size", type=int, help="images per batch (default: eval.batch_size)")
+    b.add_argument("--device", default="auto", help="auto (a GPU when there is one), cpu, cuda")
+    b.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    b.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. data.num_workers=4"
+    )
+    b.add_argument("--quiet", action="store_true", help="no progress lines")
+    b.set_defaults(func=_embed)
 
     m = sub.add_parser("methods", help="list the methods and their default hyper-parameters")
     m.set_defaults(func=_methods)

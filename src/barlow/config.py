@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 OptimizerName = Literal["lars", "sgd", "adamw"]
 PrecisionName = Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 where native, else fp32
 AugmentOn = Literal["workers", "device"]
+WandbMode = Literal["online", "offline", "disabled"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,28 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """``barlow finetune``: the labelled subset and the classifier head's learning rate (the
+    backbone's is ``optim.lr``; both per 256 images)."""
+
+    labels: str = "10%"  # "1%" | "10%" | N labelled images in all (class-stratified) | index file
+    head_lr: float = 0.5
+    baselines: bool = True  # also the same encoder from scratch, and a probe on the frozen one
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Where a run's records go besides ``metrics.jsonl`` (always written; main process only)."""
+
+    tensorboard: bool = True  # event files in <run>/tensorboard/
+    wandb: bool = False  # a Weights & Biases run (pip install barlow[wandb]); files in <run>/wandb/
+    wandb_project: str = "barlow"
+    wandb_entity: str | None = None  # None: the logged-in user's default entity
+    # None: WANDB_MODE if set, else online; "offline" needs no network or key (`wandb sync` later)
+    wandb_mode: WandbMode | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -115,6 +138,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON- and ``weights_only``-safe)."""
@@ -274,6 +299,10 @@ def _check_ranges(cfg: Config) -> None:
         ),
         (cfg.eval.protocol_lr > 0, f"eval.protocol_lr must be > 0, got {cfg.eval.protocol_lr}"),
         (cfg.eval.batch_size >= 1, f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}"),
+        (
+            cfg.finetune.head_lr >= 0,
+            f"finetune.head_lr must be >= 0, got {cfg.finetune.head_lr}",
+        ),
     ]
     for ok, message in rules:
         if not ok:
@@ -283,10 +312,15 @@ def _check_ranges(cfg: Config) -> None:
 def _check_names(cfg: Config) -> None:
     """Registry names (backbone, view recipe) fail here, not minutes later at model build."""
     from barlow.augment import RECIPES
-    from barlow.backbones import BACKBONES
+    from barlow.backbones import BACKBONES, TIMM_PREFIX, timm_model_name
 
     backbone = cfg.model.backbone
-    if backbone not in BACKBONES and not (backbone.startswith("timm:") and len(backbone) > 5):
+    if backbone.startswith(TIMM_PREFIX):
+        try:
+            timm_model_name(backbone)  # timm installed, and the model registered
+        except ValueError as exc:
+            raise ValueError(f"model.backbone: {exc}") from exc
+    elif backbone not in BACKBONES:
         raise ValueError(
             f"model.backbone: unknown backbone {backbone!r}{_closest(backbone, BACKBONES)} "
             f"(valid: {', '.join(BACKBONES)}, or timm:<name>)"

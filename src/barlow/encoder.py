@@ -15,8 +15,11 @@ def crop_size(cfg: Config) -> int:
 
 def build_method(cfg: Config) -> Method:
     """``cfg.method`` around a fresh ``cfg.model`` backbone with the dataset's channels
-    (``small_images`` auto: images ≤ 64 px get the 3×3 stem without max-pool)."""
+    (``small_images`` auto: images ≤ 64 px get the 3×3 stem without max-pool) and crop size
+    (what a fixed-size timm model is built for)."""
     info, crop = data.dataset_info(cfg.data.dataset), crop_size(cfg)
     small = cfg.model.small_images if cfg.model.small_images is not None else crop <= 64
-    backbone = create_backbone(cfg.model.backbone, in_channels=info.channels, small_images=small)
+    backbone = create_backbone(
+        cfg.model.backbone, in_channels=info.channels, small_images=small, image_size=crop
+    )
     return create_method(cfg.method.name, cfg.method.params, backbone)

@@ -570,6 +570,25 @@ def _labels_on(labels: Tensor, device: torch.device, num_classes: int) -> Tensor
     return y.to(device, non_blocking=True)
 
 
+def classifier_accuracy(
+    backbone: nn.Module,
+    head: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    preprocess: Callable[[Tensor], Tensor],
+    device: torch.device,
+    num_classes: int,
+) -> dict[str, float]:
+    """Top-1 (and top-5 with ≥ 5 classes) of ``head(backbone(preprocess(images)))`` over
+    (uint8 images, labels) ``batches``; both modules in eval mode, without gradients."""
+
+    def features(images: Tensor, transform: Callable[[Tensor], Tensor]) -> Tensor:
+        return backbone(_prepare(images, device, transform)).flatten(1)
+
+    with _eval_mode(backbone), _eval_mode(head):
+        return _top_k_accuracy(head, batches, features, preprocess, device, num_classes)
+
+
 @torch.no_grad()
 def _top_k_accuracy(
     head: nn.Module,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -149,7 +149,11 @@ def _check_lars_hyperparameters(group: dict[str, Any]) -> None:
 
 
 def parameter_groups(
-    model: nn.Module, *, weight_decay: float, bias_lr_scale: float = 1.0
+    model: nn.Module,
+    *,
+    weight_decay: float,
+    bias_lr_scale: float = 1.0,
+    lr_scales: Mapping[str, float] | None = None,
 ) -> list[dict[str, Any]]:
     """Split trainable parameters into "weights" (ndim > 1) and "biases" (biases and norm params).
 
@@ -164,7 +168,29 @@ def parameter_groups(
 
     Each group carries "name" and "lr_scale"; :func:`set_learning_rate` sets
     ``lr = base_lr × lr_scale``. Frozen parameters are left out, and so are empty groups.
+    ``lr_scales`` multiplies the rate of named top-level submodules (fine-tuning: ``{"head":
+    head_lr / backbone_lr}``); they get groups of their own, named "<module> weights" / "<module>
+    biases".
     """
+    if lr_scales:
+        children = dict(model.named_children())
+        unknown = sorted(set(lr_scales) - set(children))
+        if unknown:
+            raise ValueError(f"lr_scales names {unknown}, not submodules of the model")
+        rest = nn.ModuleList(m for name, m in children.items() if name not in lr_scales)
+        groups = parameter_groups(rest, weight_decay=weight_decay, bias_lr_scale=bias_lr_scale)
+        for name, scale in lr_scales.items():
+            for group in parameter_groups(
+                children[name], weight_decay=weight_decay, bias_lr_scale=bias_lr_scale
+            ):
+                groups.append(
+                    {
+                        **group,
+                        "name": f"{name} {group['name']}",
+                        "lr_scale": group["lr_scale"] * scale,
+                    }
+                )
+        return groups
     if not weight_decay >= 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
     if not bias_lr_scale >= 0:
@@ -194,6 +220,7 @@ def build_optimizer(
     bias_lr_scale: float = 1.0,
     eta: float = 0.001,
     betas: tuple[float, float] = (0.9, 0.999),
+    lr_scales: Mapping[str, float] | None = None,
 ) -> torch.optim.Optimizer:
     """LARS, SGD (with momentum) or AdamW over :func:`parameter_groups`, lr scaled per group.
 
@@ -202,7 +229,9 @@ def build_optimizer(
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
-    groups = parameter_groups(model, weight_decay=weight_decay, bias_lr_scale=bias_lr_scale)
+    groups = parameter_groups(
+        model, weight_decay=weight_decay, bias_lr_scale=bias_lr_scale, lr_scales=lr_scales
+    )
     if not groups:
         raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
     optimizer: torch.optim.Optimizer

@@ -8,6 +8,7 @@ A run directory (``barlow pretrain --out DIR``) holds:
     checkpoint.pt          the latest training checkpoint (``checkpoint-step<N>.pt``: snapshots)
     backbone.safetensors   the pretrained backbone's weights alone
     tensorboard/           TensorBoard event files
+    wandb/, wandb_id.txt   the Weights & Biases run's files and id (``log.wandb``)
 
 Atomic write: bytes go to a temporary file in the same directory, are flushed and fsynced, and
 the file is renamed over the target (then the directory is fsynced), so a crash, a full disk or
@@ -34,6 +35,8 @@ METRICS_NAME = "metrics.json"
 CHECKPOINT_NAME = "checkpoint.pt"
 BACKBONE_NAME = "backbone.safetensors"
 TENSORBOARD_NAME = "tensorboard"
+WANDB_NAME = "wandb"
+WANDB_ID_NAME = "wandb_id.txt"  # the wandb run that --resume and --overwrite's swap continue
 LOCK_NAME = ".lock"  # held (flock) by the process training into the directory
 STAGING_NAME = ".overwrite-staging"  # where an --overwrite run writes until its first checkpoint
 REPLACED_NAME = ".overwrite-replaced"  # the old run's entries while a replacement is committed
@@ -109,10 +112,17 @@ class RunDir:
         return found + sorted(self.path.glob("checkpoint-step*.pt"))
 
     def run_entries(self) -> list[Path]:
-        """What a run writes here: its files, snapshots, ``tensorboard/`` and the temp files of
-        interrupted writes (not the lock, and not files of the user's own)."""
-        names = (CONFIG_NAME, METRICS_LOG_NAME, METRICS_NAME, CHECKPOINT_NAME, BACKBONE_NAME)
-        named = [self.path / name for name in (*names, TENSORBOARD_NAME)]
+        """What a run writes here: its files, snapshots, ``tensorboard/``, ``wandb/`` and the temp
+        files of interrupted writes (not the lock, and not files of the user's own)."""
+        names = (
+            CONFIG_NAME,
+            METRICS_LOG_NAME,
+            METRICS_NAME,
+            CHECKPOINT_NAME,
+            BACKBONE_NAME,
+            WANDB_ID_NAME,
+        )
+        named = [self.path / name for name in (*names, TENSORBOARD_NAME, WANDB_NAME)]
         prefixes = (*(f".{name}." for name in names), ".checkpoint-step")
         temps = sorted(p for p in self.path.glob(".*.tmp") if p.name.startswith(prefixes))
         snapshots = sorted(self.path.glob("checkpoint-step*.pt"))

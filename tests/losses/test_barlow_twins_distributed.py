@@ -174,6 +174,7 @@ def test_ddp_loss_and_gradients_equal_single_process(
 ) -> None:
     reference = reference_ddp()
     for result in ranks:
+        # float32, 2 ranks against 1 process: measured 1.1e-6
         assert max_rel_err(result[f"ddp/{path}"], reference) < 1e-5
 
 
@@ -186,13 +187,14 @@ def test_auto_takes_the_chosen_distributed_path(
     for result in ranks:
         auto, explicit = result[f"ddp/auto/{width}"], result[f"ddp/explicit/{width}"]
         assert all(torch.equal(auto[k], explicit[k]) for k in explicit)
-        assert max_rel_err(auto, reference) < 1e-5
+        assert max_rel_err(auto, reference) < 1e-5  # measured 8.3e-7
 
 
 @pytest.mark.parametrize("path", [*DISTRIBUTED_PATHS, "auto"])
 def test_embedding_gradients_with_uneven_magnitudes(ranks: list[dict[str, Any]], path: str) -> None:
     for r, result in enumerate(ranks):
         reference = reference_embeddings(even_rows(r))
+        # float32 embedding gradients: measured 2.8e-6
         assert max_rel_err(averaged(result[f"embed/{path}"]), reference) < 1e-5
 
 
@@ -200,14 +202,15 @@ def test_reduce_c_accepts_shards_of_different_sizes(ranks: list[dict[str, Any]])
     for r, result in enumerate(ranks):
         reference = reference_embeddings(UNEVEN_ROWS[r])
         assert result["uneven/reduce_c"]["z1"].shape[0] != GLOBAL_BATCH // WORLD_SIZE
-        assert max_rel_err(averaged(result["uneven/reduce_c"]), reference) < 1e-5
+        # float32, shards of 5 and 11 rows: measured 4.6e-6
+        assert max_rel_err(averaged(result["uneven/reduce_c"]), reference) < 2e-5
         auto = result["uneven/auto"]  # falls back to reduce_c
         assert all(torch.equal(auto[k], result["uneven/reduce_c"][k]) for k in auto)
         empty, reference = averaged(result["empty/reduce_c"]), reference_embeddings(EMPTY_ROWS[r])
         assert empty["z1"].shape == reference["z1"].shape  # (0, D) on rank 0
         if r == 0:  # nothing to compare but the loss terms
             empty, reference = ({k: x[k] for k in ("loss", "on_diag")} for x in (empty, reference))
-        assert max_rel_err(empty, reference) < 1e-5
+        assert max_rel_err(empty, reference) < 5e-6  # measured 2.4e-7
 
 
 def test_every_rank_raises_together(ranks: list[dict[str, Any]]) -> None:
@@ -237,7 +240,7 @@ def test_the_comparison_catches_broken_reductions(
     result = ranks[0][f"broken/{broken}/{path}"]
     assert max_rel_err(result, reference) > 1e-2
     if broken == "local_grad":  # the value is right, only the gradients are off
-        assert rel_err(result["loss"], reference["loss"]) < 1e-5
+        assert rel_err(result["loss"], reference["loss"]) < 1e-6  # measured 7.4e-8
 
 
 def test_all_reduce_with_grad_forward_and_backward(ranks: list[dict[str, Any]]) -> None:
@@ -259,7 +262,7 @@ def test_single_process_forms_equal_the_plain_paths(n: int, d: int, path: str, p
     z1 = torch.randn(n, d, generator=gen) * 5 + 2
     z2 = 0.5 * z1 + torch.randn(n, d, generator=gen)
     expected = embedding_run(plain, (0, n), z1, z2)
-    assert max_rel_err(embedding_run(path, (0, n), z1, z2), expected) < 1e-5
+    assert max_rel_err(embedding_run(path, (0, n), z1, z2), expected) < 1e-5  # measured 1.6e-6
 
 
 def test_unknown_path_lists_every_path() -> None:

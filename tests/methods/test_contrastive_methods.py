@@ -27,7 +27,7 @@ def test_cmc_with_three_views_uses_all_three_pairs() -> None:
     with torch.no_grad():
         zs = list(method.projectors[0](method.backbone(torch.cat(views))).chunk(3))
     expected = naive_full_graph(zs, method.temperature)
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=2e-6)  # float32 vs 64: measured 1.1e-7
     # Each pair matters: leaving any one out changes the value.
     for i, j in itertools.combinations(range(3), 2):
         pair = naive_cross_view(zs[i], zs[j], 0.07) + naive_cross_view(zs[j], zs[i], 0.07)
@@ -57,7 +57,8 @@ def test_rgb_to_lab_known_colours() -> None:
     expected = torch.tensor(
         [[100.0, 0.0, 0.0], [0.0, 0.0, 0.0], [53.24, 80.09, 67.20], [53.39, 0.0, 0.0]]
     )
-    assert torch.allclose(lab, expected, atol=0.02)
+    # the reference values are rounded to 0.01 (their own error up to 0.005): measured 3.2e-3
+    assert torch.allclose(lab, expected, rtol=0, atol=0.01)
 
 
 def lab_method(num_views: int = 1) -> CMC:
@@ -99,7 +100,7 @@ def test_lab_split_trains_both_encoders(num_views: int) -> None:
         z_l = method.projectors[0](method.backbone.l_encoder(lightness)).chunk(num_views)
         z_ab = method.projectors[1](method.backbone.ab_encoder(ab)).chunk(num_views)
     zs = [z for pair in zip(z_l, z_ab, strict=True) for z in pair]
-    assert out.loss.item() == pytest.approx(naive_full_graph(zs, 0.07), rel=1e-5)
+    assert out.loss.item() == pytest.approx(naive_full_graph(zs, 0.07), rel=1e-6)  # 9.0e-8
 
 
 def test_lab_split_errors() -> None:
@@ -125,7 +126,7 @@ def small_moco(queue_size: int = 10) -> MoCo:
 def test_queue_starts_as_random_unit_keys_and_is_saved() -> None:
     method = small_moco()
     assert method.queue.shape == (10, 8)
-    assert torch.allclose(method.queue.norm(dim=1), torch.ones(10))
+    assert torch.allclose(method.queue.norm(dim=1), torch.ones(10), rtol=1e-6)  # 1 ulp
     assert method.queue.std() > 0.1
     state = method.state_dict()
     assert {"queue", "queue_ptr"} <= state.keys()
@@ -148,7 +149,7 @@ def test_queue_holds_the_last_k_keys_in_order() -> None:
         method.after_step((step + 1) / 4)
     assert method.queue_ptr.item() == 16 % 10
     oldest_first = torch.roll(method.queue, -int(method.queue_ptr), dims=0)
-    assert torch.allclose(oldest_first, torch.cat(keys)[-10:], atol=1e-6)
+    assert torch.equal(oldest_first, torch.cat(keys)[-10:])  # the keys are copied in
 
 
 def test_eval_forward_does_not_enqueue() -> None:
@@ -178,7 +179,9 @@ def test_key_encoder_moves_by_the_ema_rule_and_gets_no_gradient() -> None:
     for name, p in keys.items():
         expected = 0.9 * before[name] + 0.1 * online[name].detach()
         assert not torch.equal(p, before[name]), name
-        assert torch.allclose(p, expected, rtol=1e-6, atol=1e-7), name
+        # the EMA rounds two products and their sum: three float32 ulps at |w| = 1 (the
+        # BatchNorm weights); measured 1.2e-7
+        assert torch.allclose(p, expected, rtol=0, atol=3.6e-7), name
 
 
 def test_moco_refuses_a_batch_larger_than_the_queue() -> None:
@@ -211,5 +214,5 @@ def test_simclr_logs() -> None:
     torch.manual_seed(0)
     method = SimCLR(create_backbone("small_cnn", in_channels=1), projector="16-8")
     out = method([torch.randn(6, 1, 16, 16)] * 2)  # identical views: positives are perfect
-    assert out.logs["positive_similarity"].item() == pytest.approx(1.0, abs=1e-5)
+    assert out.logs["positive_similarity"].item() == pytest.approx(1.0, abs=1e-6)  # measured 0
     assert out.logs["accuracy"].item() == 1.0

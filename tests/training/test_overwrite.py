@@ -223,34 +223,48 @@ def test_a_staging_left_by_a_kill_before_the_swap_is_removed_at_the_next_start(
 # Real processes: 2 trials by default, BARLOW_OVERWRITE_TRIALS=20 for the figures.
 
 
-def kill_overwrite_at(run: Path, delay_s: float) -> None:
+# Two epochs: the swap comes with the first epoch's checkpoint, halfway through.
+TWO_EPOCHS = [*NEW, "train.epochs=2", "optim.warmup_epochs=1"]
+
+
+def overwrite_process(run: Path) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "barlow", "pretrain", "--quiet", "--out", str(run)]
-    proc = subprocess.Popen([*argv, "--overwrite", *sets(*NEW)], stderr=subprocess.DEVNULL)
-    time.sleep(delay_s)
-    proc.kill()
-    proc.wait()
+    return subprocess.Popen([*argv, "--overwrite", *sets(*TWO_EPOCHS)], stderr=subprocess.DEVNULL)
 
 
 def test_sigkill_of_an_overwrite_at_random_moments_leaves_one_whole_run(
     run: Path, tmp_path: Path
 ) -> None:
-    """Killed anywhere from its start to its end, then the same command with --resume: either the
-    kill came before the swap (the old run is byte-identical, and --resume of the new settings
-    is refused as a different run) or after it (--resume finishes the new run, nothing of the
-    old one is left)."""
+    """Killed at a moment drawn uniformly over an uninterrupted overwrite's duration (timed
+    first, so the draws cover the swap on a slow machine too), then the same command with
+    --resume: either the kill came before the swap (the old run is byte-identical, and --resume
+    of the new settings is refused as a different run) or after it (--resume finishes the new
+    run, nothing of the old one is left)."""
     old, rng, outcomes = digest(run), random.Random(1), []
+    timed = tmp_path / "timed"
+    shutil.copytree(run, timed)
+    start = time.monotonic()
+    assert overwrite_process(timed).wait(timeout=600) == 0
+    duration = time.monotonic() - start
     for trial in range(TRIALS):
         copy = tmp_path / f"trial{trial}"
         shutil.copytree(run, copy)
-        kill_overwrite_at(copy, rng.uniform(1.0, 12.0))
-        code = main(["pretrain", "--quiet", "--out", str(copy), "--resume", *sets(*NEW)])
+        proc = overwrite_process(copy)
+        time.sleep(rng.uniform(0.0, duration))
+        proc.kill()
+        proc.wait()
+        resume = ["pretrain", "--quiet", "--out", str(copy), "--resume", *sets(*TWO_EPOCHS)]
+        code = main(resume)
         if code == 2:
             assert digest(copy) == old, trial
         else:
             assert code == 0, trial
             saved = checkpoint.load_checkpoint(copy / CHECKPOINT_NAME)
-            assert saved["config"]["train"]["seed"] == 7 and saved["global_step"] == 11
+            assert saved["config"]["train"]["seed"] == 7 and saved["global_step"] == 22
             assert not (copy / "metrics.json").exists() and (copy / "notes.txt").exists()
         assert no_replacement_left(copy), trial
         outcomes.append(code)
-    print(f"overwrite kill trials: {outcomes.count(2)} before the swap, {outcomes.count(0)} after")
+    print(
+        f"overwrite kill trials (uninterrupted: {duration:.1f} s): {outcomes.count(2)} before "
+        f"the swap, {outcomes.count(0)} after"
+    )

@@ -102,9 +102,18 @@ def test_resume_without_checkpoint_is_an_error(tmp_path: Path) -> None:
 
 def test_resume_of_a_different_run_is_refused(tmp_path: Path) -> None:
     pretrain(tiny_config("train.epochs=1", "eval.final=false"), tmp_path, progress=False)
+    before = (tmp_path / CHECKPOINT_NAME).read_bytes()
     other = tiny_config('method.projector="32-32"', "eval.final=false")
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(ValueError) as refused:
         pretrain(other, tmp_path, resume=True, progress=False)
+    assert str(refused.value) == (
+        f"{tmp_path / CHECKPOINT_NAME} belongs to a different run; these settings differ:\n"
+        "  method.projector: checkpoint '64-64', config '32-32'\n"
+        "Resume with the run's own settings; or pass --resume-weights-only "
+        "(train.resume_weights_only=true) to start a fresh schedule from its weights; or "
+        "choose another --out (or --overwrite) for a new run"
+    )
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == before
 
 
 def test_non_finite_loss_stops_before_saving_nan(

@@ -6,23 +6,26 @@ The reference is always the same run done in one go; every comparison is exact (
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from barlow import checkpoint
 from barlow.config import Config, load_config
-from barlow.methods import METHODS
+from barlow.methods import METHODS, Method
 from barlow.preemption import EXIT_CODE, PreemptionSignals
 from barlow.training import CHECKPOINT_NAME, pretrain
-from barlow.training.epoch_data import EpochOrder, ViewDataset, sample_seed
-from comparisons import assert_identical
-from processes import pretrain_on_two_processes
+from barlow.training.epoch_data import DeviceViews, EpochOrder, ViewDataset, sample_seed
+from comparisons import assert_identical, differing
+from processes import patched_barlow, pretrain_on_two_processes
 from runs import records, sets, weights
 
 TINY = [
@@ -60,12 +63,35 @@ def test_mid_epoch_resume_is_bit_identical(
     assert_identical(weights(tmp_path), straight)
 
 
-def test_mid_epoch_resume_with_views_on_the_device_is_bit_identical(tmp_path: Path) -> None:
-    on_device = 'data.augment_on="device"'
-    pretrain(tiny(on_device), tmp_path / "straight", progress=False)
-    pretrain(tiny(on_device, f"train.max_steps={STEPS_PER_EPOCH + 5}"), tmp_path / "split")
-    pretrain(tiny(on_device), tmp_path / "split", resume=True, progress=False)
+def views_counted_from_the_resume(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deliberately broken, for the negative control: the device views of a resumed run count
+    batches from the first one this process draws, not from the start of the epoch."""
+    draw = DeviceViews.__call__
+    first: dict[int, int] = {}
+
+    def counted(self: DeviceViews, images: torch.Tensor, *, epoch: int, batch: int) -> Any:
+        return draw(self, images, epoch=epoch, batch=batch - first.setdefault(id(self), batch))
+
+    monkeypatch.setattr(DeviceViews, "__call__", counted)
+
+
+def test_mid_epoch_resume_with_views_on_the_device_is_bit_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on_device, stop, end = 'data.augment_on="device"', STEPS_PER_EPOCH + 5, STEPS_PER_EPOCH + 8
+    pretrain(tiny(on_device, f"train.max_steps={end}"), tmp_path / "straight", progress=False)
+    pretrain(tiny(on_device, f"train.max_steps={stop}"), tmp_path / "split", progress=False)
+    shutil.copytree(tmp_path / "split", tmp_path / "control")  # the same checkpoint
+    pretrain(
+        tiny(on_device, f"train.max_steps={end}"), tmp_path / "split", resume=True, progress=False
+    )
     assert_identical(weights(tmp_path / "split"), weights(tmp_path / "straight"))
+    # Negative control: the same resume drawing the views of the wrong batches is caught.
+    views_counted_from_the_resume(monkeypatch)
+    pretrain(
+        tiny(on_device, f"train.max_steps={end}"), tmp_path / "control", resume=True, progress=False
+    )
+    assert differing(weights(tmp_path / "control"), weights(tmp_path / "straight"))
 
 
 def test_resume_that_loses_the_optimizer_state_differs(
@@ -127,10 +153,24 @@ def test_preemption_signals_only_set_a_flag() -> None:
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
 
 
+# Deliberately broken resumes for the negative controls, run in subprocesses (patched_barlow).
+LOSE_THE_MOMENTUM = """
+from barlow.optim import LARS
+LARS.load_state_dict = lambda self, state: None  # the resume drops the LARS momentum
+"""
+LOSE_RANK_1_MOMENTUM = """
+import os
+from barlow.optim import LARS
+if os.environ["RANK"] == "1":
+    LARS.load_state_dict = lambda self, state: None  # rank 1 resumes without its momentum
+"""
+
+
 def test_sigterm_saves_exits_143_and_resumes_exactly(tmp_path: Path) -> None:
     """A real SIGTERM to a running `barlow pretrain`, then `--resume`: same weights as straight."""
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "barlow", "pretrain", "--quiet", *sets(*TINY)]
+    command = ["pretrain", "--quiet", *sets(*TINY)]
+    args = [sys.executable, "-m", "barlow", *command]
     # The reference runs in a subprocess too: the same thread count gives the same float sums.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     reference = subprocess.run(
@@ -151,14 +191,23 @@ def test_sigterm_saves_exits_143_and_resumes_exactly(tmp_path: Path) -> None:
     assert "continue with --resume" in err
     state = checkpoint.load_checkpoint(run / CHECKPOINT_NAME)
     assert 0 < state["global_step"] < 2 * STEPS_PER_EPOCH
+    shutil.copytree(run, tmp_path / "control")  # the same checkpoint
     done = subprocess.run([*args, *slow, "--resume"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert_identical(weights(run), weights(tmp_path / "straight"))
+    # Negative control: the same resume, losing the LARS momentum, is caught.
+    broken = patched_barlow(LOSE_THE_MOMENTUM, tmp_path)
+    control = [sys.executable, str(broken), *command, "--out", str(tmp_path / "control")]
+    done = subprocess.run([*control, *slow, "--resume"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert differing(weights(tmp_path / "control"), weights(tmp_path / "straight"))
 
 
-def _torchrun(out: Path, *extra: str, resume: bool = False) -> subprocess.CompletedProcess[str]:
+def _torchrun(
+    out: Path, *extra: str, resume: bool = False, patch: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     args = sets(*TINY, "train.epochs=1", *extra) + (["--resume"] if resume else [])
-    return pretrain_on_two_processes(out, args)
+    return pretrain_on_two_processes(out, args, patch=patch)
 
 
 def test_two_process_mid_epoch_resume_is_bit_identical(tmp_path: Path) -> None:
@@ -167,19 +216,50 @@ def test_two_process_mid_epoch_resume_is_bit_identical(tmp_path: Path) -> None:
     stopped = _torchrun(tmp_path / "split", "train.max_steps=9")
     assert stopped.returncode == 0, stopped.stderr[-2000:]
     assert checkpoint.load_checkpoint(tmp_path / "split" / CHECKPOINT_NAME)["step_in_epoch"] == 9
+    shutil.copytree(tmp_path / "split", tmp_path / "control")  # the same checkpoint
     resumed = _torchrun(tmp_path / "split", resume=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert_identical(weights(tmp_path / "split"), weights(tmp_path / "straight"))
+    # Negative control: the same resume with rank 1 alone losing its momentum is caught (the
+    # checkpoint holds rank 0's weights, which rank 1's gradients reach through DDP).
+    broken = patched_barlow(LOSE_RANK_1_MOMENTUM, tmp_path)
+    control = _torchrun(tmp_path / "control", resume=True, patch=broken)
+    assert control.returncode == 0, control.stderr[-2000:]
+    assert differing(weights(tmp_path / "control"), weights(tmp_path / "straight"))
+
+
+def restore_trainable_parameters_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deliberately broken, for the negative controls: the resume loads the method's trainable
+    parameters only; its buffers and frozen parameters (BYOL's target network, MoCo's key
+    encoder and queue, BatchNorm statistics) keep their fresh values."""
+    load = nn.Module.load_state_dict
+
+    def partial(self: nn.Module, state: Any, strict: bool = True, assign: bool = False) -> Any:
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        return load(self, {k: v for k, v in state.items() if k in trainable}, strict=False)
+
+    monkeypatch.setattr(Method, "load_state_dict", partial)
 
 
 @pytest.mark.parametrize("name", sorted(set(METHODS) - {"barlow_twins"}))
-def test_every_method_resumes_bit_identically(tmp_path: Path, name: str) -> None:
-    """Target networks, momentum and queues come back exactly (BT is covered above)."""
+def test_every_method_resumes_bit_identically(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Target networks, momentum and queues come back exactly (BT is covered above); a resume
+    that leaves them (or BatchNorm's statistics) fresh is caught."""
     method = (f'method.name="{name}"', 'data.augment_on="device"', "train.epochs=1")
-    pretrain(tiny(*method), tmp_path / "straight", progress=False)
-    pretrain(tiny(*method, "train.max_steps=9"), tmp_path / "split", progress=False)
-    pretrain(tiny(*method), tmp_path / "split", resume=True, progress=False)
+    pretrain(tiny(*method, "train.max_steps=12"), tmp_path / "straight", progress=False)
+    pretrain(tiny(*method, "train.max_steps=6"), tmp_path / "split", progress=False)
+    shutil.copytree(tmp_path / "split", tmp_path / "control")  # the same checkpoint
+    pretrain(tiny(*method, "train.max_steps=12"), tmp_path / "split", resume=True, progress=False)
     assert_identical(weights(tmp_path / "split"), weights(tmp_path / "straight"))
+    restore_trainable_parameters_only(monkeypatch)  # the negative control
+    pretrain(tiny(*method, "train.max_steps=12"), tmp_path / "control", resume=True, progress=False)
+    changed = differing(weights(tmp_path / "control"), weights(tmp_path / "straight"))
+    assert changed
+    if name in ("byol", "moco"):  # their own state, not only BatchNorm's statistics
+        own = ("target_", "key_", "queue")
+        assert any(k.startswith(own) for k in changed), changed
 
 
 # R8: a resume continues the same run or fails saying why; --resume-weights-only is the way out.

@@ -51,16 +51,12 @@ def file_hashes(run: Path) -> dict[str, str]:
 
 
 def hash_differences(before: dict[str, str], after: dict[str, str]) -> list[str]:
-    """What a re-run added, removed or rewrote; config.json is left to the caller (it records
-    the command, which gained ``--resume``)."""
+    """What a re-run added, removed or rewrote (config.json included: a no-op re-run must not
+    rewrite it, though the command it would record gained ``--resume``)."""
     return (
         [f"added {k}" for k in sorted(after.keys() - before.keys())]
         + [f"removed {k}" for k in sorted(before.keys() - after.keys())]
-        + [
-            f"rewrote {k}"
-            for k in sorted(before.keys() & after.keys())
-            if before[k] != after[k] and k != "config.json"
-        ]
+        + [f"rewrote {k}" for k in sorted(before.keys() & after.keys()) if before[k] != after[k]]
     )
 
 
@@ -74,16 +70,26 @@ def test_rerun_of_a_finished_run_does_no_step_and_rewrites_nothing(tmp_path: Pat
     assert main(command) == 0
     assert checkpoint.load_checkpoint(run / CHECKPOINT_NAME)["global_step"] == STEPS_PER_EPOCH
     before = file_hashes(run)
-    config_before = json.loads((run / "config.json").read_text())["config"]
     steps_logged = len(records(run, "train"))
 
     assert main([*command, "--resume"]) == 0
     after = file_hashes(run)
-    assert json.loads((run / "config.json").read_text())["config"] == config_before
     assert len(records(run, "train")) == steps_logged  # no step
     assert checkpoint.load_checkpoint(run / CHECKPOINT_NAME)["global_step"] == STEPS_PER_EPOCH
     problems = hash_differences(before, after)
     assert not problems, "the re-run of a finished run changed its files: " + "; ".join(problems)
+
+
+def test_a_rewritten_config_json_counts_as_a_change(tmp_path: Path) -> None:
+    """Negative case for the two re-run tests: config.json rewritten with the same config but
+    the new command (``--resume``), which the comparison used to leave out, is reported."""
+    run = tmp_path / "run"
+    run.mkdir()
+    record = {"config": {"train": {"epochs": 1}}, "argv": ["pretrain"]}
+    (run / "config.json").write_text(json.dumps(record))
+    before = file_hashes(run)
+    (run / "config.json").write_text(json.dumps({**record, "argv": ["pretrain", "--resume"]}))
+    assert hash_differences(before, file_hashes(run)) == ["rewrote config.json"]
 
 
 def test_rerun_of_a_run_finished_by_max_steps_does_no_step(tmp_path: Path) -> None:
@@ -412,8 +418,10 @@ def test_a_hostile_override_is_refused_and_runs_nothing(
     marker = tmp_path / "marker"
     payload = f'method.name=!!python/object/apply:os.system ["touch {marker}"]'
     assert main(["pretrain", "--quiet", "--out", str(tmp_path / "run"), "--set", payload]) == 2
-    assert "method" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error:" in err and "unknown method '!!python/object/apply:os.system" in err, err
     assert not marker.exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_library_has_no_unsafe_deserialiser() -> None:

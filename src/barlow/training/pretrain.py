@@ -121,10 +121,10 @@ def train_and_export(
     cfg, method, main = run.cfg, cast(Method, run.module), distributed.is_main_process()
     write_dir = replacement.begin() if replacement is not None else run_dir
     record = {"config": cfg.to_dict(), "argv": list(argv or sys.argv), "version": __version__}
+    logbook = Logbook.for_run(write_dir.path, cfg, enabled=main)  # wandb may fail: first
     if main and state.global_step == 0:  # a resume rewrites it with its first checkpoint
         write_dir.write_config(record)
     signals = PreemptionSignals()
-    logbook = Logbook(write_dir.path, enabled=main)
 
     def swap_in() -> RunDir:  # the staged run has its first checkpoint: it replaces the old one
         assert replacement is not None

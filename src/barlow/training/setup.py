@@ -7,7 +7,7 @@ to the same :class:`~barlow.training.loop.TrainingLoop`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,8 +133,11 @@ class Schedule:
         return lr
 
 
-def build_optimizer_for(cfg: Config, module: nn.Module) -> torch.optim.Optimizer:
-    """``cfg.optim`` over ``module``'s parameters (biases and norms at ``optim.bias_lr``)."""
+def build_optimizer_for(
+    cfg: Config, module: nn.Module, lr_scales: Mapping[str, float] | None = None
+) -> torch.optim.Optimizer:
+    """``cfg.optim`` over ``module``'s parameters (biases and norms at ``optim.bias_lr``;
+    ``lr_scales``: rate multipliers of named submodules, see ``optim.parameter_groups``)."""
     bias_lr = cfg.optim.bias_lr if cfg.optim.bias_lr is not None else cfg.optim.lr
     return build_optimizer(
         cfg.optim.name,
@@ -144,6 +147,7 @@ def build_optimizer_for(cfg: Config, module: nn.Module) -> torch.optim.Optimizer
         momentum=cfg.optim.momentum,
         bias_lr_scale=bias_lr / cfg.optim.lr,
         eta=cfg.optim.eta,
+        lr_scales=lr_scales,
     )
 
 
@@ -282,8 +286,10 @@ def assemble_run(
     prepare: Prepare,
     precision: Precision,
     channels_last: bool,
+    lr_scales: Mapping[str, float] | None = None,
 ) -> Run:
-    """Wrap ``module`` for the step and give it its optimizer, scaler and schedule (any job)."""
+    """Wrap ``module`` for the step and give it its optimizer, scaler and schedule (any job;
+    ``lr_scales``: rate multipliers of named submodules, e.g. a fine-tuned classifier's head)."""
     model = wrap_for_training(
         module,
         device=device,
@@ -297,7 +303,7 @@ def assemble_run(
         device=device,
         module=module,
         model=step_model,
-        optimizer=build_optimizer_for(cfg, module),
+        optimizer=build_optimizer_for(cfg, module, lr_scales),
         scaler=torch.amp.GradScaler(device.type, enabled=precision.dtype == torch.float16),
         precision=precision,
         schedule=Schedule.from_config(cfg, order.batches),
