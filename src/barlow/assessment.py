@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from barlow import data, evaluate
 from barlow.augment import EvalPreprocess, LinearEvalAugment, eval_sample_transform
@@ -26,6 +26,13 @@ from barlow.config import Config, EvalConfig, apply_overrides, from_dict
 from barlow.encoder import build_method, crop_size
 from barlow.logbook import console
 from barlow.methods import Method
+
+
+def encoder_preprocess(encoder_dataset: str, crop: int) -> EvalPreprocess:
+    """How an encoder pretrained on ``encoder_dataset`` sees any image: that dataset's channels
+    (grey and RGB converted), mean and std, at ``crop`` pixels."""
+    seen = data.dataset_info(encoder_dataset)
+    return EvalPreprocess(crop, seen.mean, seen.std, channels=seen.channels)
 
 
 class _Transformed(Dataset[tuple[Tensor, int]]):
@@ -107,8 +114,7 @@ class EvalData:
         num_classes = info.num_classes or len(getattr(train, "classes", [])) or 0
         if num_classes < 2:
             raise ValueError(f"dataset {dataset!r} needs at least 2 classes to evaluate")
-        seen = data.dataset_info(encoder_dataset) if encoder_dataset else info
-        preprocess = EvalPreprocess(size, seen.mean, seen.std, channels=seen.channels)
+        preprocess = encoder_preprocess(encoder_dataset or dataset, size)
         return cls(train, test, preprocess, size, num_classes, num_workers)
 
     @classmethod
@@ -127,13 +133,20 @@ class EvalData:
             encoder_dataset=cfg.data.dataset if other else None,
         )
 
-    def batches(self, split: str, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-        """(uint8 images, labels) batches in dataset order."""
+    def batches(
+        self, split: str, batch_size: int, indices: Tensor | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """(uint8 images, labels) batches in dataset order (only ``indices``, when given)."""
         dataset = self.train if split == "train" else self.test
         in_memory = data.in_memory_images(dataset)
         if in_memory is not None:
-            yield from _tensor_batches(*in_memory, batch_size)
+            images, labels = in_memory
+            if indices is not None:
+                images, labels = images[indices], labels[indices]
+            yield from _tensor_batches(images, labels, batch_size)
             return
+        if indices is not None:
+            dataset = Subset(dataset, indices.tolist())
         loader = DataLoader(
             _Transformed(dataset, eval_sample_transform(self.crop_size)),
             batch_size=batch_size,
@@ -149,10 +162,11 @@ class EvalData:
         device: torch.device,
         batch_size: int,
         progress: bool,
+        indices: Tensor | None = None,
     ) -> evaluate.Features:
         return evaluate.extract_features(
             encoder,
-            self.batches(split, batch_size),
+            self.batches(split, batch_size, indices),
             device=device,
             preprocess=self.preprocess,
             progress=f"features ({split})" if progress else False,

@@ -175,14 +175,8 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="barlow",
-        description="Self-supervised visual representation learning by redundancy reduction.",
-    )
-    parser.add_argument("--version", action="version", version=f"barlow {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_pretrain(sub: Any) -> None:
+    """The ``pretrain`` subcommand."""
     p = sub.add_parser("pretrain", help="pretrain an encoder from a recipe")
     p.add_argument(
         "recipe",
@@ -220,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_pretrain)
 
+
+def _add_finetune(sub: Any) -> None:
+    """The ``finetune`` subcommand."""
     f = sub.add_parser(
         "finetune",
         help="fine-tune an encoder on few labels, beside from-scratch and probe baselines",
@@ -241,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--quiet", action="store_true", help="no progress lines")
     f.set_defaults(func=_finetune)
 
+
+def _add_evaluations(sub: Any) -> None:
+    """The ``knn`` and ``linear`` subcommands."""
     for name, text in (("knn", "weighted kNN accuracy"), ("linear", "linear-probe accuracy")):
         e = sub.add_parser(name, help=f"{text} of a pretrained checkpoint")
         e.add_argument("checkpoint", help="checkpoint.pt written by `barlow pretrain`")
@@ -258,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
             )
         e.set_defaults(func=_evaluate)
 
+
+def _add_export(sub: Any) -> None:
+    """The ``export`` subcommand."""
     x = sub.add_parser("export", help="export a pretrained encoder for other programs")
     x.add_argument("checkpoint", help="checkpoint.pt written by `barlow pretrain`")
     x.add_argument(
@@ -270,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--overwrite", action="store_true", help="replace files already in --out")
     x.set_defaults(func=_export)
 
+
+def _add_embed(sub: Any) -> None:
+    """The ``embed`` subcommand."""
     b = sub.add_parser("embed", help="write the encoder's features of every image of a dataset")
     b.add_argument("checkpoint", help="checkpoint.pt written by `barlow pretrain`")
     b.add_argument("--out", required=True, help="features file, e.g. emb.npy (emb.csv beside it)")
@@ -297,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", action="store_true", help="no progress lines")
     b.set_defaults(func=_embed)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="barlow",
+        description="Self-supervised visual representation learning by redundancy reduction.",
+    )
+    parser.add_argument("--version", action="version", version=f"barlow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for add in (_add_pretrain, _add_finetune, _add_evaluations, _add_export, _add_embed):
+        add(sub)
     m = sub.add_parser("methods", help="list the methods and their default hyper-parameters")
     m.set_defaults(func=_methods)
     r = sub.add_parser("recipes", help="list the shipped recipes")

@@ -227,7 +227,14 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
 
 def _check_ranges(cfg: Config) -> None:
     """Value checks that types cannot express; each message names the key and the valid range."""
-    rules: list[tuple[bool, str]] = [
+    rules = _optim_and_train_rules(cfg) + _data_eval_and_finetune_rules(cfg)
+    for ok, message in rules:
+        if not ok:
+            raise ValueError(message)
+
+
+def _optim_and_train_rules(cfg: Config) -> list[tuple[bool, str]]:
+    return [
         (cfg.optim.lr > 0, f"optim.lr must be > 0, got {cfg.optim.lr}"),
         (
             cfg.optim.bias_lr is None or cfg.optim.bias_lr >= 0,
@@ -275,6 +282,11 @@ def _check_ranges(cfg: Config) -> None:
             f"train.skip_nonfinite must be >= 0 (0: stop at the first), got "
             f"{cfg.train.skip_nonfinite}",
         ),
+    ]
+
+
+def _data_eval_and_finetune_rules(cfg: Config) -> list[tuple[bool, str]]:
+    return [
         (cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}"),
         (
             cfg.data.crop_size is None or cfg.data.crop_size >= 4,
@@ -304,9 +316,6 @@ def _check_ranges(cfg: Config) -> None:
             f"finetune.head_lr must be >= 0, got {cfg.finetune.head_lr}",
         ),
     ]
-    for ok, message in rules:
-        if not ok:
-            raise ValueError(message)
 
 
 def _check_names(cfg: Config) -> None:

@@ -56,13 +56,14 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from barlow import data, evaluate
-from barlow.assessment import EvalData, load_pretrained
+from barlow.assessment import EvalData, encoder_preprocess, load_pretrained
 from barlow.augment import EvalPreprocess
 from barlow.config import Config, apply_overrides, from_dict
 from barlow.encoder import crop_size
-from barlow.evaluate import PLAIN_PROGRESS_EVERY_S, _top_k_lowest_index_on_ties
+from barlow.evaluate import PLAIN_PROGRESS_EVERY_S, top_k_lowest_index_on_ties
 from barlow.logbook import Progress
 from barlow.rundir import atomic_write
+from barlow.training.setup import resolve_device
 
 SPLIT_CHOICES = ("train", "test", "all")
 SIMILARITY_BUDGET_BYTES = 128 * 2**20  # the (block_rows × N) similarities of one query block
@@ -135,37 +136,21 @@ def embed(
     module docstring.
     """
     files = _check_output(out, overwrite)
-    if split not in SPLIT_CHOICES:
-        raise ValueError(f"split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
-    if neighbours < 0:
-        raise ValueError(f"--neighbours must be >= 0 (0: none), got {neighbours}")
-    if batch_size is not None and batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-    torch_device = resolve_device(device)
-    if not Path(checkpoint).is_file():
-        raise FileNotFoundError(
-            f"checkpoint {checkpoint} does not exist; give the checkpoint.pt of a "
-            "`barlow pretrain` run directory"
-        )
+    _check_arguments(checkpoint, split, neighbours, batch_size)
+    auto = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as `barlow knn`
+    torch_device = resolve_device(device, auto, setting="--device")
     method, cfg, _ = load_pretrained(checkpoint)
     if overrides:
         cfg = from_dict(apply_overrides(cfg.to_dict(), overrides))
     name = dataset or cfg.data.dataset
-    root = root if dataset else (root or cfg.data.root)
-    splits = _splits(name, root, split)
-    datasets = {
-        s: data.build_dataset(
-            name, split=cast(data.Split, s), root=root, download=cfg.data.download
-        )
-        for s in splits
-    }
+    datasets = _datasets(name, root if dataset else (root or cfg.data.root), split, cfg)
     count = sum(_size(d) for d in datasets.values())
     if neighbours >= count:
         raise ValueError(
             f"--neighbours {neighbours} needs more than {neighbours} images, but {name} "
             f"({split}) has {count}; choose K <= {count - 1}"
         )
-    preprocess = _preprocess(cfg)
+    preprocess = encoder_preprocess(cfg.data.dataset, crop_size(cfg))
     backbone = method.backbone.to(torch_device)
     dim = int(backbone.num_features)  # type: ignore[arg-type]
     batch_size = batch_size or cfg.eval.batch_size
@@ -206,6 +191,34 @@ def embed(
     return result
 
 
+def _check_arguments(
+    checkpoint: str | Path, split: str, neighbours: int, batch_size: int | None
+) -> None:
+    if split not in SPLIT_CHOICES:
+        raise ValueError(f"split must be one of {', '.join(SPLIT_CHOICES)}, got {split!r}")
+    if neighbours < 0:
+        raise ValueError(f"--neighbours must be >= 0 (0: none), got {neighbours}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if not Path(checkpoint).is_file():
+        raise FileNotFoundError(
+            f"checkpoint {checkpoint} does not exist; give the checkpoint.pt of a "
+            "`barlow pretrain` run directory"
+        )
+
+
+def _datasets(
+    name: str, root: str | None, split: str, cfg: Config
+) -> dict[str, Dataset[tuple[Tensor, int]]]:
+    """The dataset of each split to embed, in order (``all``: train, then test)."""
+    return {
+        s: data.build_dataset(
+            name, split=cast(data.Split, s), root=root, download=cfg.data.download
+        )
+        for s in _splits(name, root, split)
+    }
+
+
 def _check_output(out: str | Path, overwrite: bool) -> EmbeddingFiles:
     files = EmbeddingFiles.of(out)
     directory = files.embeddings.parent
@@ -223,30 +236,6 @@ def _check_output(out: str | Path, overwrite: bool) -> EmbeddingFiles:
             "another --out"
         )
     return files
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto``: the GPU when there is one (as ``barlow knn``), else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = torch.device("meta")  # refused below
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"--device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available; use --device cpu")
-    return device
-
-
-def _preprocess(cfg: Config) -> EvalPreprocess:
-    """``EvalData.from_config``'s preprocessing: any dataset is seen as the encoder saw its own
-    (its channels, grey and RGB converted, and its mean and std), at the run's crop size."""
-    seen = data.dataset_info(cfg.data.dataset)
-    return EvalPreprocess(crop_size(cfg), seen.mean, seen.std, channels=seen.channels)
 
 
 def _size(dataset: Dataset[tuple[Tensor, int]]) -> int:
@@ -383,7 +372,7 @@ def nearest_neighbours(
             torch.mm(queries, keys.T, out=similarity[:, key_start:key_stop])
         rows = torch.arange(stop - start, device=device)
         similarity[rows, rows + start] = -math.inf
-        values, index = _top_k_lowest_index_on_ties(similarity, k)
+        values, index = top_k_lowest_index_on_ties(similarity, k)
         # A deterministic order among equal similarities: ascending row (stable sorts).
         order = index.sort(dim=1, stable=True).indices
         index, values = index.gather(1, order), values.gather(1, order)

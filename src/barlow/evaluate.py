@@ -233,7 +233,7 @@ def knn_predict(
     for start in range(0, len(test), chunk_size):
         queries = test.features[start : start + chunk_size].to(device, torch.float32)
         similarity = F.normalize(queries, dim=1) @ bank.T  # (chunk, N_train)
-        top_similarity, top_index = _top_k_lowest_index_on_ties(similarity, k)
+        top_similarity, top_index = top_k_lowest_index_on_ties(similarity, k)
         # Shifting by the row maximum rescales a row's votes by one factor (same argmax) and
         # keeps exp finite for small temperatures (exp(1 / 0.01) overflows float32).
         weights = torch.exp((top_similarity - top_similarity[:, :1]) / temperature)
@@ -267,7 +267,7 @@ def knn_accuracy(
     return (predicted == test.labels.cpu()).double().mean().item()
 
 
-def _top_k_lowest_index_on_ties(similarity: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def top_k_lowest_index_on_ties(similarity: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Per row, the k largest values (descending) and their columns; where values tie at the
     k-th place the lowest columns win. ``torch.topk`` alone leaves that choice to the kernel,
     which differs between devices, so duplicated train images could vote differently."""

@@ -37,10 +37,9 @@ from barlow.preemption import PreemptionSignals
 from barlow.rundir import RunDir, run_lock
 from barlow.subsets import LabelledSubset, labelled_subset
 from barlow.training import resume as resuming
-from barlow.training.epoch_data import epoch_loader
 from barlow.training.guard import StepGuard
 from barlow.training.loop import TrainingLoop
-from barlow.training.setup import Run, assemble_run, init_device
+from barlow.training.setup import Run, assemble_run, config_loader, init_device
 from barlow.training.state import TrainState
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "finetune"
@@ -132,16 +131,7 @@ def classifier_run(
 ) -> Run:
     """The :class:`Run` of a classifier on the labelled images: views drawn on the device by the
     linear-evaluation augmentation, the head at ``finetune.head_lr / optim.lr`` of the rate."""
-    world = distributed.world_size()
-    loader, order = epoch_loader(
-        images,
-        local_batch=cfg.train.batch_size // world,
-        world=world,
-        rank=distributed.rank(),
-        seed=cfg.train.seed,
-        num_workers=cfg.data.num_workers,
-        device=device,
-    )
+    loader, order = config_loader(images, cfg, device)
     channels_last = uses_channels_last(cfg.train.channels_last, device)
 
     def prepare(inputs: Any, epoch: int, batch: int) -> tuple[Tensor, Tensor]:
@@ -236,16 +226,7 @@ class FinetuneJob:
             pre = self.eval_data.preprocess
             augment = LinearEvalAugment(self.eval_data.crop_size, pre.mean, pre.std)
             run = classifier_run(self.cfg, classifier, images, augment, self.device)
-            state = TrainState()
-            if point is not None:
-                state = TrainState.from_checkpoint(
-                    point.state,
-                    module=run.module,
-                    optimizer=run.optimizer,
-                    scaler=run.scaler,
-                    steps_per_epoch=run.steps_per_epoch,
-                    source=str(point.path),
-                )
+            state = resuming.restored_state(run, point)
             if not state.finished(self.cfg.train.epochs, self.cfg.train.max_steps):
                 self.fit(run, run_dir, state, point)
             scores = self.score(classifier) if main else {}
@@ -295,14 +276,16 @@ class FinetuneJob:
             return {}
         backbone.to(self.device)
         batch = self.cfg.eval.batch_size
-        train = self.eval_data.features(
-            backbone, "train", device=self.device, batch_size=batch, progress=False
+        subset = self.eval_data.features(
+            backbone,
+            "train",
+            device=self.device,
+            batch_size=batch,
+            progress=False,
+            indices=self.subset.indices,  # the labelled images only
         )
         test = self.eval_data.features(
             backbone, "test", device=self.device, batch_size=batch, progress=False
-        )
-        subset = evaluate.Features(
-            train.features[self.subset.indices], train.labels[self.subset.indices]
         )
         probe = evaluate.linear_probe(subset, test, epochs=self.cfg.eval.probe_epochs, seed=0)
         return {"top1": probe["test_acc"]}

@@ -71,7 +71,7 @@ def run_pretraining(
         console(recovered)
     point = resuming.find_resume_point(run_dir, cfg, resume=resume, overwrite=overwrite)
     run, estimate = build_with_memory_advice(cfg, device, point, run_dir)
-    state = restored_state(run, point)
+    state = resuming.restored_state(run, point)
     show = main and (progress if progress is not None else True)
     if state.finished(
         cfg.train.epochs, cfg.train.max_steps
@@ -85,26 +85,6 @@ def run_pretraining(
         if replacement is not None:
             replacement.abandon()  # the old run stays; nothing of the new one is left
         raise
-
-
-def restored_state(run: Run, point: resuming.ResumePoint | None) -> TrainState:
-    """The training state to start from: the checkpoint's (announced), or a fresh one."""
-    if point is None or point.weights_only:
-        return TrainState()
-    state = TrainState.from_checkpoint(
-        point.state,
-        module=run.module,
-        optimizer=run.optimizer,
-        scaler=run.scaler,
-        steps_per_epoch=run.steps_per_epoch,
-        source=str(point.path),
-    )
-    if distributed.is_main_process():
-        where = f", batch {state.step_in_epoch}" if state.step_in_epoch else ""
-        console(
-            f"resumed from {point.path} at epoch {state.epoch + 1}{where}, step {state.global_step}"
-        )
-    return state
 
 
 def train_and_export(

@@ -8,7 +8,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,10 @@ from barlow.config import Config
 from barlow.logbook import console
 from barlow.methods import METHODS, resolved_params
 from barlow.rundir import RunDir
-from barlow.training.state import CHECKPOINT_KEYS
+from barlow.training.state import CHECKPOINT_KEYS, TrainState
+
+if TYPE_CHECKING:  # setup imports this module
+    from barlow.training.setup import Run
 
 
 @dataclass(frozen=True)
@@ -233,3 +236,23 @@ def take_weights(method: nn.Module, point: ResumePoint, run_dir: RunDir) -> None
     if distributed.is_main_process():
         kept = keep_source(point.path, run_dir.path, int(point.state.get("global_step", 0)))
         announce_weights_only(point, parts, kept)
+
+
+def restored_state(run: Run, point: ResumePoint | None) -> TrainState:
+    """The training state to start from: the checkpoint's (announced), or a fresh one."""
+    if point is None or point.weights_only:
+        return TrainState()
+    state = TrainState.from_checkpoint(
+        point.state,
+        module=run.module,
+        optimizer=run.optimizer,
+        scaler=run.scaler,
+        steps_per_epoch=run.steps_per_epoch,
+        source=str(point.path),
+    )
+    if distributed.is_main_process():
+        where = f", batch {state.step_in_epoch}" if state.step_in_epoch else ""
+        console(
+            f"resumed from {point.path} at epoch {state.epoch + 1}{where}, step {state.global_step}"
+        )
+    return state

@@ -31,8 +31,11 @@ from barlow.training.memory import MemoryEstimate, memory_estimate
 from barlow.training.resume import ResumePoint, take_weights
 
 
-def resolve_device(name: str, distributed_device: torch.device) -> torch.device:
-    """``train.device``: ``auto`` is the device ``distributed.init_from_env`` chose."""
+def resolve_device(
+    name: str, distributed_device: torch.device, *, setting: str = "train.device"
+) -> torch.device:
+    """``train.device`` (or the ``setting`` named in errors, e.g. ``--device``): ``auto`` is
+    ``distributed_device``, the device ``distributed.init_from_env`` chose."""
     if name == "auto":
         return distributed_device
     try:
@@ -41,13 +44,13 @@ def resolve_device(name: str, distributed_device: torch.device) -> torch.device:
         device = torch.device("meta")  # refused below, naming the choices
     if device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(
-            f"train.device={name!r} is not a device barlow trains on; use auto, cpu, cuda, "
+            f"{setting}={name!r} is not a device barlow trains on; use auto, cpu, cuda, "
             "cuda:N or mps"
         )
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name} but no CUDA GPU is visible; use train.device=cpu")
+        raise ValueError(f"{setting}={name} but no CUDA GPU is visible; use {setting}=cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"train.device={name} but MPS is not available; use train.device=cpu")
+        raise ValueError(f"{setting}={name} but MPS is not available; use {setting}=cpu")
     return device
 
 
@@ -243,15 +246,7 @@ def pretraining_loader(
         else RawImages(source.dataset, skip_corrupt=skip)
     )
     world = distributed.world_size()
-    loader, order = epoch_loader(
-        dataset,
-        local_batch=cfg.train.batch_size // world,
-        world=world,
-        rank=distributed.rank(),
-        seed=cfg.train.seed,
-        num_workers=cfg.data.num_workers,
-        device=device,
-    )
+    loader, order = config_loader(dataset, cfg, device)
     if len(loader) == 0:
         images, fits = len(source.dataset), len(source.dataset) // world * world
         fix = (
@@ -264,6 +259,23 @@ def pretraining_loader(
             f"{cfg.train.batch_size}; {fix}"
         )
     return loader, order
+
+
+def config_loader(
+    dataset: Dataset[Any], cfg: Config, device: torch.device
+) -> tuple[DataLoader[Any], EpochOrder]:
+    """:func:`epoch_data.epoch_loader` of ``dataset`` for this process, at the config's global
+    batch, seed and workers (any job)."""
+    world = distributed.world_size()
+    return epoch_loader(
+        dataset,
+        local_batch=cfg.train.batch_size // world,
+        world=world,
+        rank=distributed.rank(),
+        seed=cfg.train.seed,
+        num_workers=cfg.data.num_workers,
+        device=device,
+    )
 
 
 def check_views(method: Method, source: PretrainingData, cfg: Config) -> None:
