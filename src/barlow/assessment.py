@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -243,22 +243,37 @@ def knn_top1(
     train, test = eval_data.feature_pair(
         encoder, device=device, batch_size=cfg.eval.batch_size, progress=progress
     )
+    return knn_on_features(train, test, cfg, eval_data.num_classes)
+
+
+def knn_on_features(
+    train: evaluate.Features, test: evaluate.Features, cfg: Config, num_classes: int
+) -> float:
+    """Weighted kNN top-1 at the config's ``eval.knn_k`` and ``eval.knn_temperature``."""
     return evaluate.knn_accuracy(
-        train,
-        test,
-        k=cfg.eval.knn_k,
-        temperature=cfg.eval.knn_temperature,
-        num_classes=eval_data.num_classes,
+        train, test, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature, num_classes=num_classes
     )
 
 
 def online_knn(
-    encoder: nn.Module, eval_data: EvalData, cfg: Config, device: torch.device
+    encoder: nn.Module,
+    eval_data: EvalData,
+    cfg: Config,
+    device: torch.device,
+    classifier: Callable[[evaluate.Features], float] | None = None,
 ) -> dict[str, float]:
-    """kNN top-1 of the current encoder on the labelled splits (the per-epoch monitor)."""
+    """kNN top-1 of the current encoder on the labelled splits (the per-epoch monitor); with
+    ``classifier`` (features of the test split → top-1), its accuracy on the same features as
+    ``online_linear_top1``."""
     start = time.perf_counter()
-    top1 = knn_top1(encoder, eval_data, cfg, device=device, progress=False)
-    return {"knn_top1": top1, "knn_time_s": time.perf_counter() - start}
+    train, test = eval_data.feature_pair(
+        encoder, device=device, batch_size=cfg.eval.batch_size, progress=False
+    )
+    top1 = knn_on_features(train, test, cfg, eval_data.num_classes)
+    out = {"knn_top1": top1, "knn_time_s": time.perf_counter() - start}
+    if classifier is not None:
+        out["online_linear_top1"] = classifier(test)
+    return out
 
 
 def final_evaluation(

@@ -304,6 +304,128 @@ def _add_embed(sub: Any) -> None:
     b.set_defaults(func=_embed)
 
 
+def _report(args: argparse.Namespace) -> int:
+    from barlow.report.page import build_report
+
+    done = build_report(
+        args.runs,
+        args.out,
+        embedding_map=not args.no_embedding_map,
+        view_images=args.images,
+        progress=not args.quiet,
+    )
+    print(
+        f"report of {done.runs} run(s) written to {done.path} "
+        f"({done.size_bytes / 2**20:.1f} MiB, {done.seconds:.0f} s)"
+    )
+    return 0
+
+
+def _views(args: argparse.Namespace) -> int:
+    from barlow.report.views import write_views
+
+    grid = write_views(
+        args.recipe, args.out, images=args.images, seed=args.seed, overrides=args.set
+    )
+    print(
+        f"{grid.rows} images of {grid.dataset} and {grid.views} views each (recipe "
+        f"{grid.recipe!r}) written to {args.out}"
+    )
+    return 0
+
+
+def _add_report(sub: Any) -> None:
+    """The ``report`` and ``views`` subcommands."""
+    p = sub.add_parser("report", help="one self-contained HTML page about one or more runs")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories or study directories")
+    p.add_argument("--out", required=True, help="the HTML file to write, e.g. report.html")
+    p.add_argument(
+        "--no-embedding-map",
+        action="store_true",
+        help="skip the 2-D map and nearest neighbours of the test representations (the slow part)",
+    )
+    p.add_argument("--images", type=int, default=6, help="images in the training-views grid")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_report)
+    v = sub.add_parser("views", help="a grid of the training views a recipe draws, as a PNG")
+    v.add_argument("recipe", help="shipped recipe name or TOML file, as `barlow pretrain` takes")
+    v.add_argument("--out", required=True, help="the PNG file to write")
+    v.add_argument("--images", type=int, default=8, help="rows: images of the training set")
+    v.add_argument("--seed", type=int, default=0, help="which images and which views")
+    v.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. data.views=simclr"
+    )
+    v.set_defaults(func=_views)
+
+
+def _study(args: argparse.Namespace) -> int:
+    """``barlow sweep`` and ``barlow study``: a grid of runs; non-zero when a point failed."""
+    from barlow.study import (
+        load_study,
+        parse_grid,
+        parse_seeds,
+        run_study,
+        shipped_studies,
+        sweep_study,
+    )
+
+    if args.command == "study" and args.name is None:
+        for name in sorted(shipped_studies()):
+            print(name)
+        return 0
+    if args.command == "study":
+        study = load_study(args.name, args.scale, epochs=args.epochs, overrides=args.set)
+    else:
+        axes = [parse_grid(option) for option in args.grid]
+        seeds = parse_seeds(args.seeds)
+        study = sweep_study(args.recipe, axes, seeds=seeds, epochs=args.epochs, overrides=args.set)
+    if args.list:
+        for point in study.points():
+            print(f"{point.index:4d}  {point.name}")
+        return 0
+    if args.out is None:
+        raise ValueError(f"barlow {args.command} needs --out DIR, the study directory")
+    outcome = run_study(study, Path(args.out), point=args.point, progress=not args.quiet)
+    done = f"{len(outcome.ran)} trained, {len(outcome.skipped)} finished before"
+    print(f"study written to {args.out} ({done}); results in {Path(args.out) / 'results.md'}")
+    for name, error in outcome.failed.items():
+        print(f"barlow {args.command}: point {name} failed: {error}", file=sys.stderr)
+    return 1 if outcome.failed else 0
+
+
+def _add_studies(sub: Any) -> None:
+    """The ``sweep`` and ``study`` subcommands."""
+    s = sub.add_parser("sweep", help="pretrain a recipe over a grid of settings and seeds")
+    s.add_argument("recipe", help="shipped recipe name or TOML file")
+    s.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="a grid axis, e.g. method.lambd=0.002,0.005 (repeat for a Cartesian product; "
+        "recipe=NAME1,NAME2 varies the recipe)",
+    )
+    s.add_argument("--seeds", default="0", help="seeds of every grid point (default: 0)")
+    t = sub.add_parser("study", help="run a shipped study (an ablation of the paper)")
+    t.add_argument("name", nargs="?", help="shipped study name or study TOML; none: list them")
+    t.add_argument("--scale", choices=("cpu", "gpu"), default="cpu", help="default: cpu")
+    for p in (s, t):
+        p.add_argument("--out", help="study directory: a run directory per point, results.*")
+        p.add_argument("--epochs", type=int, help="shorthand for --set train.epochs=N")
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="for every point"
+        )
+        p.add_argument(
+            "--point",
+            type=int,
+            metavar="K",
+            help="run only point K (0-based; default: $SLURM_ARRAY_TASK_ID when set)",
+        )
+        p.add_argument("--list", action="store_true", help="list the points and stop")
+        p.add_argument("--quiet", action="store_true", help="no lines from the runs")
+        p.set_defaults(func=_study)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="barlow",
@@ -314,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for add in (_add_pretrain, _add_finetune, _add_evaluations, _add_export, _add_embed):
         add(sub)
+    _add_report(sub)
+    _add_studies(sub)
     m = sub.add_parser("methods", help="list the methods and their default hyper-parameters")
     m.set_defaults(func=_methods)
     r = sub.add_parser("recipes", help="list the shipped recipes")

@@ -44,6 +44,9 @@ class DataConfig:
     # An image that cannot be decoded stops the run with an error naming the file; true drops it
     # from its batch instead, counted and reported every epoch (`barlow pretrain --skip-corrupt`).
     skip_corrupt: bool = False
+    # Pretrain on N training images only, drawn at random with seed 0 (None: all): a quick
+    # study on a slice. The evaluation keeps the full labelled splits.
+    train_subset: int | None = None
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,13 @@ class EvalConfig:
     knn_k: int = 200
     knn_temperature: float = 0.1
     online_knn_every: int = 1  # epochs between kNN evaluations during pretraining; 0: never
+    # a linear classifier trained beside pretraining on detached features (labelled data only);
+    # its test accuracy is measured with the online kNN
+    online_linear: bool = True
+    online_linear_lr: float = 0.1
+    # <run>/insight/: cross-correlation, spectra and RankMe of a fixed probe batch at epoch 0,
+    # at each online-kNN epoch and at the last (barlow.insight)
+    insight: bool = True
     final: bool = True  # kNN + linear probe when pretraining ends
     baselines: bool = False  # also evaluate a random-init encoder and raw pixels
     probe_epochs: int = 100  # fast linear probe on frozen features
@@ -289,6 +299,10 @@ def _data_eval_and_finetune_rules(cfg: Config) -> list[tuple[bool, str]]:
     return [
         (cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}"),
         (
+            cfg.data.train_subset is None or cfg.data.train_subset >= 2,
+            f"data.train_subset must be >= 2 images, got {cfg.data.train_subset}",
+        ),
+        (
             cfg.data.crop_size is None or cfg.data.crop_size >= 4,
             f"data.crop_size must be >= 4, got {cfg.data.crop_size}",
         ),
@@ -300,6 +314,10 @@ def _data_eval_and_finetune_rules(cfg: Config) -> list[tuple[bool, str]]:
         (
             cfg.eval.online_knn_every >= 0,
             f"eval.online_knn_every must be >= 0, got {cfg.eval.online_knn_every}",
+        ),
+        (
+            cfg.eval.online_linear_lr > 0,
+            f"eval.online_linear_lr must be > 0, got {cfg.eval.online_linear_lr}",
         ),
         (
             cfg.eval.probe_epochs >= 1,

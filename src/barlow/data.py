@@ -34,7 +34,7 @@ import torchvision.datasets as tv_datasets
 import torchvision.datasets.utils as tv_utils
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from barlow.rundir import atomic_write
@@ -917,6 +917,23 @@ def build_dataset(
             raise ValueError("dataset 'folder' needs its directory: pass `--data-root DIR`")
         return _folder_split(Path(root).expanduser(), split)
     return _folder_split(Path(name_or_path).expanduser(), split)
+
+
+def sampled_images(dataset: Dataset[Any], count: int) -> Dataset[Any]:
+    """``count`` images of ``dataset`` drawn uniformly without replacement (a permutation seeded
+    with 0, the chosen indices kept in dataset order): ``data.train_subset``. Not the first
+    ``count``: an image folder lists its classes one after the other. In memory stays in memory,
+    so the batched views still apply."""
+    total = len(dataset)  # type: ignore[arg-type]
+    if count > total:
+        raise ValueError(
+            f"data.train_subset={count} exceeds the {total} training images; lower it or drop it"
+        )
+    chosen = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:count]
+    chosen = torch.sort(chosen).values
+    if isinstance(dataset, TensorImages):
+        return TensorImages(dataset.images[chosen], dataset.labels[chosen], dataset.classes)
+    return Subset(dataset, chosen.tolist())
 
 
 def labelled(dataset: Dataset[Any]) -> bool:

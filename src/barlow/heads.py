@@ -22,16 +22,28 @@ def parse_spec(spec: str) -> list[int]:
     return widths
 
 
-def mlp(in_dim: int, spec: str, *, last_bn: bool = False, bias: bool = False) -> nn.Sequential:
+def mlp(
+    in_dim: int,
+    spec: str,
+    *,
+    last_bn: bool = False,
+    bias: bool = False,
+    batch_norm: bool = True,
+) -> nn.Sequential:
     """The Barlow Twins projector: ``in_dim → w1 → … → wk``.
 
     Hidden blocks are Linear(bias=False)-BatchNorm1d-ReLU; the last Linear has no bias (Zbontar et
     al., 2021, §2). ``last_bn`` appends a BatchNorm1d (SimCLR/MoCo-style heads); ``bias`` gives the
-    last Linear a bias (predictors).
+    last Linear a bias (predictors). ``batch_norm=False`` makes the hidden blocks Linear-ReLU (the
+    paper's "No BN in MLP" ablation, Table 5); their Linear then has a bias, the shift BatchNorm
+    provided.
     """
     widths = [in_dim, *parse_spec(spec)]
     layers: list[nn.Module] = []
     for d_in, d_out in itertools.pairwise(widths[:-1]):
+        if not batch_norm:
+            layers += [nn.Linear(d_in, d_out), nn.ReLU(inplace=True)]
+            continue
         layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
     layers.append(nn.Linear(widths[-2], widths[-1], bias=bias))
     if last_bn:

@@ -22,6 +22,8 @@ from tqdm import tqdm
 from barlow.rundir import CONFIG_NAME, STAGING_NAME, WANDB_ID_NAME, atomic_write_text
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
     from barlow.config import Config, LogConfig
 
 T = TypeVar("T")
@@ -59,6 +61,7 @@ class Logbook:
         self.enabled, self.tensorboard, self.wandb = enabled, tensorboard, wandb
         self._jsonl: TextIO | None = None
         self._tb: Any = None
+        self.out_dir = out_dir  # where the files go (moves with an --overwrite run's swap)
         self.open(out_dir)
 
     @classmethod
@@ -71,6 +74,7 @@ class Logbook:
 
     def open(self, out_dir: Path) -> None:
         """Append to ``out_dir``'s files (after :meth:`close`: the run directory moved)."""
+        self.out_dir = out_dir
         if not self.enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +101,11 @@ class Logbook:
                 self._tb.add_scalar(f"{prefix}/{key}", value, step)
         if self.wandb is not None:
             self.wandb.log(scalars, step=step, prefix=prefix)
+
+    def image(self, tag: str, image: Tensor, *, step: int) -> None:
+        """An RGB image (3, H, W), values in [0, 1], to TensorBoard as ``tag`` at ``step``."""
+        if self.enabled and self._tb is not None:
+            self._tb.add_image(tag, image.detach().float().cpu().clamp(0, 1), step)
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -8,6 +8,7 @@ A run directory (``barlow pretrain --out DIR``) holds:
     checkpoint.pt          the latest training checkpoint (``checkpoint-step<N>.pt``: snapshots)
     backbone.safetensors   the pretrained backbone's weights alone
     tensorboard/           TensorBoard event files
+    insight/               epoch-<EEEE>.safetensors: cross-correlation, spectra (barlow.insight)
     wandb/, wandb_id.txt   the Weights & Biases run's files and id (``log.wandb``)
 
 Atomic write: bytes go to a temporary file in the same directory, are flushed and fsynced, and
@@ -35,6 +36,7 @@ METRICS_NAME = "metrics.json"
 CHECKPOINT_NAME = "checkpoint.pt"
 BACKBONE_NAME = "backbone.safetensors"
 TENSORBOARD_NAME = "tensorboard"
+INSIGHT_NAME = "insight"  # what a report page reads: see barlow.insight
 WANDB_NAME = "wandb"
 WANDB_ID_NAME = "wandb_id.txt"  # the wandb run that --resume and --overwrite's swap continue
 LOCK_NAME = ".lock"  # held (flock) by the process training into the directory
@@ -112,8 +114,8 @@ class RunDir:
         return found + sorted(self.path.glob("checkpoint-step*.pt"))
 
     def run_entries(self) -> list[Path]:
-        """What a run writes here: its files, snapshots, ``tensorboard/``, ``wandb/`` and the temp
-        files of interrupted writes (not the lock, and not files of the user's own)."""
+        """What a run writes here: its files, snapshots, ``tensorboard/``, ``insight/``, ``wandb/``
+        and the temp files of interrupted writes (not the lock, and not files of the user's own)."""
         names = (
             CONFIG_NAME,
             METRICS_LOG_NAME,
@@ -122,7 +124,7 @@ class RunDir:
             BACKBONE_NAME,
             WANDB_ID_NAME,
         )
-        named = [self.path / name for name in (*names, TENSORBOARD_NAME, WANDB_NAME)]
+        named = [self.path / name for name in (*names, TENSORBOARD_NAME, INSIGHT_NAME, WANDB_NAME)]
         prefixes = (*(f".{name}." for name in names), ".checkpoint-step")
         temps = sorted(p for p in self.path.glob(".*.tmp") if p.name.startswith(prefixes))
         snapshots = sorted(self.path.glob("checkpoint-step*.pt"))
@@ -153,6 +155,11 @@ class RunDir:
 
     def last_epoch_record(self) -> dict[str, Any]:
         """The last epoch's record in ``metrics.jsonl`` (without its kind and step), or {}."""
+        return self.last_record("epoch")
+
+    def last_record(self, kind: str) -> dict[str, Any]:
+        """The last record of ``kind`` ("train", "epoch") in ``metrics.jsonl`` (without its kind
+        and step), or {}."""
         if not self.metrics_log.is_file():
             return {}
         last: dict[str, Any] = {}
@@ -161,7 +168,7 @@ class RunDir:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a kill
                 continue
-            if record.get("kind") == "epoch":
+            if record.get("kind") == kind:
                 last = {k: v for k, v in record.items() if k not in ("kind", "step")}
         return last
 

@@ -4,6 +4,23 @@ Zbontar, Jing, Misra, LeCun, Deny, "Barlow Twins: Self-Supervised Learning via R
 Reduction", ICML 2021, arXiv:2103.03230. Its four computations (one process or W) and their cost
 model (flops, bytes communicated and memory per rank): :func:`barlow_loss_cost`,
 :func:`choose_path` and docs/loss_cost_model.md.
+
+The paper's loss ablations (§4, Table 5; docs/variants.md), options of :func:`barlow_twins_loss`:
+
+- ``terms``: "both" (default), "invariance" (L = Σ_i (1 − C_ii)²) or "redundancy"
+  (L = λ Σ_{i≠j} C_ij²). Both terms are still returned; the left-out one carries no gradient.
+- ``normalize``: how C is formed. "batch" (default): Ẑ standardised over the batch,
+  C = Ẑ1ᵀẐ2 / N, the cross-correlation. "feature", the paper's "normalization along feature
+  dim.": Ẑ as for "batch", then each row onto the sphere of radius √D,
+  z̃_n = √D·ẑ_n / ‖ẑ_n‖₂ (no mean subtraction along the features), and C = Z̃1ᵀZ̃2 / N, an
+  unnormalised covariance. The radius √D is our choice, the paper gives none: ‖ẑ_n‖² ≈ D
+  already, so C keeps the scale of the cross-correlation and C = I stays reachable (rows of
+  norm 1 would cap tr C at 1). "none": the cross-covariance C = (Z1 − μ1)ᵀ(Z2 − μ2) / N,
+  centred along the batch (the paper's Z are centred, §2) but not scaled by the std.
+- ``temperature`` τ (default None): the paper's "cross-entropy with temp.", as printed in §4,
+  L = −log Σ_i exp(C_ii/τ) + λ·log Σ_i Σ_{j≠i} exp(max(C_ij, 0)/τ); on_diag and off_diag are
+  its two log terms (off_diag without λ), and ``terms`` keeps one or both. It needs every C_ij:
+  "auto" takes "correlation" (across ranks "reduce_c"); "gram" and "sharded_gram" are refused.
 """
 
 from __future__ import annotations
@@ -36,6 +53,11 @@ BARLOW_TWINS_COMPUTATIONS: tuple[BarlowTwinsComputation, ...] = (
     "sharded_gram",
 )
 BARLOW_TWINS_PATHS: tuple[BarlowTwinsPath, ...] = ("auto", *BARLOW_TWINS_COMPUTATIONS)
+# The paper's loss ablations (Zbontar et al. 2021, §4, Table 5); the first of each is the default.
+BarlowTwinsTerms = Literal["both", "invariance", "redundancy"]
+BarlowTwinsNormalize = Literal["batch", "feature", "none"]
+BARLOW_TWINS_TERMS: tuple[BarlowTwinsTerms, ...] = ("both", "invariance", "redundancy")
+BARLOW_TWINS_NORMALIZE: tuple[BarlowTwinsNormalize, ...] = ("batch", "feature", "none")
 # Machine balance for choose_path: matrix flops per second / interconnect bytes per second.
 FLOPS_PER_BYTE = 500.0
 
@@ -43,9 +65,17 @@ FLOPS_PER_BYTE = 500.0
 class BarlowTwinsLossOutput(NamedTuple):
     """Result of :func:`barlow_twins_loss`: 0-d float32 tensors (float64 for float64 input)."""
 
-    loss: Tensor  # on_diag + λ·off_diag
-    on_diag: Tensor  # Σ_i (1 − C_ii)²
-    off_diag: Tensor  # Σ_{i≠j} C_ij², not multiplied by λ
+    loss: Tensor  # on_diag + λ·off_diag (``terms`` may keep one of them)
+    on_diag: Tensor  # Σ_i (1 − C_ii)²; with a temperature −log Σ_i exp(C_ii/τ)
+    off_diag: Tensor  # Σ_{i≠j} C_ij², not multiplied by λ; with a temperature, see the loss
+
+
+class _Variant(NamedTuple):
+    """The loss ablations of :func:`barlow_twins_loss`, checked."""
+
+    terms: BarlowTwinsTerms = "both"
+    normalize: BarlowTwinsNormalize = "batch"
+    temperature: float | None = None
 
 
 def off_diagonal(x: Tensor) -> Tensor:
@@ -199,6 +229,9 @@ def barlow_twins_loss(
     *,
     path: BarlowTwinsPath = "auto",
     eps: float = 1e-5,
+    terms: BarlowTwinsTerms = "both",
+    normalize: BarlowTwinsNormalize = "batch",
+    temperature: float | None = None,
 ) -> BarlowTwinsLossOutput:
     """Barlow Twins redundancy-reduction loss (Zbontar et al., 2021, arXiv:2103.03230).
 
@@ -244,65 +277,86 @@ def barlow_twins_loss(
     of two sums: in float32 its absolute error is ~1e-7·‖C‖²_F, negligible unless C is close to
     diagonal with N > D, a regime where "auto" uses the D×D path anyway.
 
+    ``terms``, ``normalize``, ``temperature``: the paper's loss ablations, defined in the module
+    docstring (and docs/variants.md), exact on every path they allow and across ranks; their
+    defaults give the loss above bit for bit.
+
     Returns ``BarlowTwinsLossOutput(loss, on_diag, off_diag)``, 0-d tensors; ``off_diag`` is not
     multiplied by λ. Raises ``ValueError`` on bad shapes, a global batch < 2, NaN/Inf input, a
-    negative ``lambd``, an unknown ``path``, or shards of different sizes for "sharded_gram";
+    negative ``lambd``, an unknown ``path``, ``terms`` or ``normalize``, a temperature that is not
+    > 0 or on a Gram path, or shards of different sizes for "sharded_gram";
     the NaN/Inf check costs one device-to-host sync. Inside
     :func:`~barlow.losses.checks.finite_checks_by_caller` that check is skipped and a NaN/Inf
     input gives a non-finite loss.
     """
     _check_arguments(z1, z2, lambd, path, eps)
+    variant = _check_variant(z1, terms, normalize, temperature, path)
     dtype = torch.promote_types(z1.dtype, torch.float32)
     with autocast_disabled(z1.device.type):
         z1, z2 = z1.to(dtype), z2.to(dtype)
         world = distributed.world_size()
         if path in ("reduce_c", "sharded_gram") or (path == "auto" and world > 1):
-            n, path = _sharded_path(z1, z2, path)
+            n, path = _sharded_path(z1, z2, path, variant)
             if path in ("reduce_c", "sharded_gram"):
-                return _sharded_loss(z1, z2, n, lambd, path, eps)
-        return _gathered_loss(z1, z2, lambd, path, eps)
+                return _sharded_loss(z1, z2, n, lambd, path, eps, variant)
+        return _gathered_loss(z1, z2, lambd, path, eps, variant)
 
 
 def _gathered_loss(
-    z1: Tensor, z2: Tensor, lambd: float, path: BarlowTwinsPath, eps: float
+    z1: Tensor, z2: Tensor, lambd: float, path: BarlowTwinsPath, eps: float, variant: _Variant
 ) -> BarlowTwinsLossOutput:
     """The "correlation" or "gram" path ("auto" resolved here) on the batch of all ranks."""
     z1, z2 = distributed.gather_with_grad(z1), distributed.gather_with_grad(z2)
     check_global_batch(z1, z2)
     n, d = z1.shape
     if path == "auto":
-        path = choose_path(n, d)
-    a, b = standardize(z1, eps), standardize(z2, eps)
+        path = "correlation" if variant.temperature is not None else choose_path(n, d)
+    a, b = _normalized(z1, eps, variant.normalize), _normalized(z2, eps, variant.normalize)
+    if variant.temperature is not None:
+        return _cross_entropy_terms(a.T @ (b / n), lambd, variant)
     diag = (a * b).sum(dim=0) / n
     if path == "correlation":
         c = a.T @ (b / n)  # scaling the (N, D) factor avoids a second D×D array
         frobenius_sq = _SquaredFrobeniusNorm.apply(c)
     else:
         frobenius_sq = _GramInnerProduct.apply(a, b) / n**2
-    return _barlow_twins_terms(diag, frobenius_sq, lambd)
+    return _barlow_twins_terms(diag, frobenius_sq, lambd, variant.terms)
 
 
 def _sharded_loss(
-    z1: Tensor, z2: Tensor, n: int, lambd: float, path: BarlowTwinsPath, eps: float
+    z1: Tensor,
+    z2: Tensor,
+    n: int,
+    lambd: float,
+    path: BarlowTwinsPath,
+    eps: float,
+    variant: _Variant,
 ) -> BarlowTwinsLossOutput:
     """The "reduce_c" or "sharded_gram" path: own rows, global statistics, sums over ranks."""
-    a, b = _standardize_over_ranks(z1, z2, n, eps)
+    a, b = _standardize_over_ranks(z1, z2, n, eps, variant.normalize)
+    if variant.temperature is not None:  # "reduce_c": _sharded_path refuses "sharded_gram"
+        c = distributed.all_reduce_with_grad(a.T @ (b / n))
+        return _cross_entropy_terms(c, lambd, variant)
     diag = distributed.all_reduce_with_grad((a * b).sum(dim=0)) / n
     if path == "reduce_c":
         c = distributed.all_reduce_with_grad(a.T @ (b / n))
         frobenius_sq = _SquaredFrobeniusNorm.apply(c)
     else:
         frobenius_sq = _ShardedGramInnerProduct.apply(a, b) / n**2
-    return _barlow_twins_terms(diag, frobenius_sq, lambd)
+    return _barlow_twins_terms(diag, frobenius_sq, lambd, variant.terms)
 
 
-def _sharded_path(z1: Tensor, z2: Tensor, path: BarlowTwinsPath) -> tuple[int, BarlowTwinsPath]:
+def _sharded_path(
+    z1: Tensor, z2: Tensor, path: BarlowTwinsPath, variant: _Variant
+) -> tuple[int, BarlowTwinsPath]:
     """The global batch size and the computation for a distributed (or ``reduce_c`` /
-    ``sharded_gram``) call: "auto" resolved, "sharded_gram" refused for shards of unequal size."""
+    ``sharded_gram``) call: "auto" resolved ("reduce_c" for a temperature, which needs C),
+    "sharded_gram" refused for shards of unequal size."""
     world = distributed.world_size()
     n, equal_shards = _check_shards(z1, z2)
     if path == "auto":
-        path = choose_path(n, z1.shape[1], world) if equal_shards else "reduce_c"
+        needs_c = variant.temperature is not None or not equal_shards
+        path = "reduce_c" if needs_c else choose_path(n, z1.shape[1], world)
     if path == "sharded_gram" and not equal_shards:
         raise ValueError(
             f"path='sharded_gram' gathers equal shards, but the {world} ranks hold "
@@ -312,15 +366,52 @@ def _sharded_path(z1: Tensor, z2: Tensor, path: BarlowTwinsPath) -> tuple[int, B
     return n, path
 
 
-def _barlow_twins_terms(diag: Tensor, frobenius_sq: Tensor, lambd: float) -> BarlowTwinsLossOutput:
+def _barlow_twins_terms(
+    diag: Tensor, frobenius_sq: Tensor, lambd: float, terms: BarlowTwinsTerms = "both"
+) -> BarlowTwinsLossOutput:
     """L from diag C (D,) and ‖C‖²_F: on_diag = Σ (1 − C_ii)², off_diag = ‖C‖²_F − Σ C_ii²."""
     on_diag = (1 - diag).square().sum()
     off_diag = frobenius_sq - diag.square().sum()
-    return BarlowTwinsLossOutput(on_diag + lambd * off_diag, on_diag, off_diag)
+    return BarlowTwinsLossOutput(_combined(on_diag, off_diag, lambd, terms), on_diag, off_diag)
 
 
-def _standardize_over_ranks(z1: Tensor, z2: Tensor, n: int, eps: float) -> tuple[Tensor, Tensor]:
-    """This rank's rows of both views standardised with the statistics of the global batch of n.
+def _cross_entropy_terms(c: Tensor, lambd: float, variant: _Variant) -> BarlowTwinsLossOutput:
+    """The paper's cross-entropy with temperature τ from the (D, D) matrix C (§4, Table 5):
+    on_diag = −log Σ_i exp(C_ii/τ), off_diag = log Σ_{i≠j} exp(max(C_ij, 0)/τ)."""
+    tau = float(variant.temperature)  # type: ignore[arg-type]
+    on_diag = -torch.logsumexp(torch.diagonal(c) / tau, dim=0)
+    off_diag = torch.logsumexp(off_diagonal(c).clamp(min=0) / tau, dim=0)
+    return BarlowTwinsLossOutput(
+        _combined(on_diag, off_diag, lambd, variant.terms), on_diag, off_diag
+    )
+
+
+def _combined(on_diag: Tensor, off_diag: Tensor, lambd: float, terms: BarlowTwinsTerms) -> Tensor:
+    if terms == "invariance":
+        return on_diag
+    if terms == "redundancy":
+        return lambd * off_diag
+    return on_diag + lambd * off_diag
+
+
+def _normalized(z: Tensor, eps: float, normalize: BarlowTwinsNormalize) -> Tensor:
+    """z (N, D) of the whole batch as ``normalize`` says (see :func:`barlow_twins_loss`)."""
+    if normalize == "none":
+        return z - z.mean(dim=0)
+    a = standardize(z, eps)
+    return _onto_sphere(a) if normalize == "feature" else a
+
+
+def _onto_sphere(a: Tensor) -> Tensor:
+    """Each row of a (N, D) on the sphere of radius √D: √D·a_n / ‖a_n‖₂ (a zero row stays 0)."""
+    return torch.nn.functional.normalize(a, dim=1) * a.shape[1] ** 0.5
+
+
+def _standardize_over_ranks(
+    z1: Tensor, z2: Tensor, n: int, eps: float, normalize: BarlowTwinsNormalize = "batch"
+) -> tuple[Tensor, Tensor]:
+    """This rank's rows of both views standardised with the statistics of the global batch of n
+    (normalised as ``normalize`` says: "none" only centres, "feature" puts rows on the sphere).
 
     Two passes, mean = Σ z / n, then var = Σ (z − mean)² / n, each an all-reduce with gradient:
     Σ z² / n − mean² would cancel catastrophically in float32 when |mean| ≫ std. The gradient
@@ -329,9 +420,13 @@ def _standardize_over_ranks(z1: Tensor, z2: Tensor, n: int, eps: float) -> tuple
     sums = distributed.all_reduce_with_grad(torch.stack([z1.sum(dim=0), z2.sum(dim=0)]))
     mean = sums / n
     centred1, centred2 = z1 - mean[0], z2 - mean[1]
+    if normalize == "none":
+        return centred1, centred2
     squares = torch.stack([centred1.square().sum(dim=0), centred2.square().sum(dim=0)])
     inv_std = torch.rsqrt(distributed.all_reduce_with_grad(squares) / n + eps)
-    return centred1 * inv_std[0], centred2 * inv_std[1]
+    a, b = centred1 * inv_std[0], centred2 * inv_std[1]
+    # Row norms need no collective: each row lives on one rank.
+    return (_onto_sphere(a), _onto_sphere(b)) if normalize == "feature" else (a, b)
 
 
 def _check_shards(z1: Tensor, z2: Tensor) -> tuple[int, bool]:
@@ -442,3 +537,47 @@ def _check_arguments(z1: Tensor, z2: Tensor, lambd: float, path: str, eps: float
         raise ValueError(f"eps must be >= 0 (BatchNorm's default is 1e-5), got {eps}")
     # An empty local shard is checked after the gather: the global batch is what must be >= 2.
     check_pair(z1, z2, ("z1", "z2"), empty_ok=True)
+
+
+def _check_variant(
+    z1: Tensor,
+    terms: BarlowTwinsTerms,
+    normalize: BarlowTwinsNormalize,
+    temperature: float | None,
+    path: BarlowTwinsPath,
+) -> _Variant:
+    check_variant(terms, normalize, temperature, path)
+    if temperature is not None and z1.shape[1] < 2:
+        raise ValueError(f"temperature needs D >= 2 (off-diagonal entries), got D={z1.shape[1]}")
+    return _Variant(terms, normalize, None if temperature is None else float(temperature))
+
+
+def check_variant(
+    terms: str,
+    normalize: str,
+    temperature: float | None,
+    path: str = "auto",
+    *,
+    path_key: str = "path",
+) -> None:
+    """``ValueError`` naming the option and its valid values unless ``terms``, ``normalize``,
+    ``temperature`` and ``path`` (called ``path_key`` in the message) make a loss
+    :func:`barlow_twins_loss` can compute."""
+    if terms not in BARLOW_TWINS_TERMS:
+        raise ValueError(f"unknown terms={terms!r}; choose one of {', '.join(BARLOW_TWINS_TERMS)}")
+    if normalize not in BARLOW_TWINS_NORMALIZE:
+        raise ValueError(
+            f"unknown normalize={normalize!r}; choose one of {', '.join(BARLOW_TWINS_NORMALIZE)}"
+        )
+    if temperature is None:
+        return
+    if isinstance(temperature, bool) or not 0 < temperature < float("inf"):
+        raise ValueError(
+            f"temperature must be a finite number > 0 (e.g. 0.1), or None for the paper's loss; "
+            f"got {temperature!r}"
+        )
+    if path in ("gram", "sharded_gram"):
+        raise ValueError(
+            f"temperature={temperature} needs every entry of the D×D matrix C, which "
+            f"{path_key}={path!r} never forms; use {path_key}='auto', 'correlation' or 'reduce_c'"
+        )

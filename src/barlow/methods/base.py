@@ -42,6 +42,18 @@ class Method(nn.Module):
         out: Tensor = self.backbone(images)
         return out
 
+    def project(self, h: Tensor) -> Tensor:
+        """The embedding z = g(h) the loss compares, of backbone features h (B, num_features):
+        (B, D). This default applies ``self.projector`` (a predictor, where there is one, is not
+        part of z); a method whose head is named otherwise overrides it."""
+        projector = getattr(self, "projector", None)
+        if not isinstance(projector, nn.Module):
+            raise NotImplementedError(
+                f"{type(self).__name__} has no `projector` module; override Method.project"
+            )
+        z: Tensor = projector(h)
+        return z
+
     def after_step(self, progress: float) -> None:
         """Hook run after each optimizer step (EMA / queue updates); progress ∈ [0, 1]."""
 

@@ -154,6 +154,15 @@ class CMC(Method):
         """N_local anchors scored against the N samples of the global batch."""
         return "N_local×N logits", (global_batch // world, global_batch)
 
+    def project(self, h: Tensor) -> Tensor:
+        """z of the features :meth:`embed` gives: g(h), or with ``split="lab"``
+        cat(g_L(h_L), g_ab(h_ab)) of the two encoders' halves of h, shape (B, 2·D)."""
+        if len(self.projectors) == 1:
+            z: Tensor = self.projectors[0](h)
+            return z
+        h_l, h_ab = h.chunk(2, dim=1)
+        return torch.cat([self.projectors[0](h_l), self.projectors[1](h_ab)], dim=1)
+
     def forward(self, views: Sequence[Tensor]) -> StepOutput:
         self._check_views(views)
         x = torch.cat(list(views))  # one pass per encoder for all views

@@ -25,6 +25,7 @@ from barlow.preemption import Preempted, requeue_slurm_job
 from barlow.rundir import RunDir
 from barlow.training.guard import StepGuard
 from barlow.training.memory import peak_memory_mib
+from barlow.training.online_probe import OnlineLinearProbe
 from barlow.training.setup import Run
 from barlow.training.state import CHECKPOINT_KEYS, TrainState
 
@@ -49,6 +50,7 @@ class TrainingLoop:
         last_saved: str | None = None,
         run_record: Mapping[str, Any] | None = None,
         on_first_save: Callable[[], RunDir] | None = None,
+        probe: OnlineLinearProbe | None = None,
     ) -> None:
         self.run, self.run_dir, self.state, self.guard = run, run_dir, state, guard
         # after the first checkpoint is written: the run directory to write into from then on
@@ -57,6 +59,7 @@ class TrainingLoop:
         self.logbook, self.progress, self.monitors = logbook, progress, monitors
         self.last_saved = last_saved or "none yet"
         self.run_record = run_record  # config.json, rewritten with every checkpoint
+        self.probe = probe  # the online linear classifier, trained on each step's features
         self.train = run.cfg.train
         self.after_step = getattr(run.module, "after_step", None)
         self.begin_epoch()
@@ -90,10 +93,10 @@ class TrainingLoop:
         self.begin_epoch()
         description = f"epoch {epoch + 1}/{self.train.epochs}"
         batches = self.progress.wrap(run.loader, total=len(run.loader), description=description)
-        for i, (inputs, _, dropped) in enumerate(batches, start=first):
+        for i, (inputs, labels, dropped) in enumerate(batches, start=first):
             where = f"batch {i + 1} of epoch {epoch + 1}"
             inputs = self.guard.usable_batch(inputs, dropped, where=where)
-            preempt = self.step(inputs, epoch, i)
+            preempt = self.step(inputs, epoch, i, labels)
             self.state.step_in_epoch = i + 1
             self.log_step(epoch, i, first, description)
             if self.stop_mid_epoch(preempt, i):
@@ -102,13 +105,15 @@ class TrainingLoop:
         self.state.epoch_loss = (0.0, 0)
         return True
 
-    def step(self, inputs: Any, epoch: int, batch: int) -> bool:
+    def step(self, inputs: Any, epoch: int, batch: int, labels: Tensor | None = None) -> bool:
         """One training step on a loader batch; True when a preemption signal asks to stop."""
         run, guard = self.run, self.guard
         self.lr = run.schedule.apply(run.optimizer, self.state.global_step)
         self.last_inputs = run.prepare(inputs, epoch, batch)
         # a skipped step must not leave what its forward did to BatchNorm statistics or queues
         buffers = [b.detach().clone() for b in run.module.buffers()] if guard.may_skip else None
+        if self.probe is not None:
+            self.probe.arm()
         with finite_checks_by_caller(), run.precision.autocast(run.device):
             self.output: StepOutput = run.model(self.last_inputs)
         loss = self.output.loss
@@ -117,6 +122,8 @@ class TrainingLoop:
         self.state.global_step += 1
         if verdict.nonfinite:
             self.skip(loss, epoch, buffers)
+            if self.probe is not None:
+                self.probe.discard()
         else:
             run.scaler.scale(loss).backward()
             run.scaler.step(run.optimizer)
@@ -126,6 +133,8 @@ class TrainingLoop:
             self.loss_steps += 1
             if self.after_step is not None:
                 self.after_step(self.state.global_step / run.schedule.total_steps)
+            if self.probe is not None and labels is not None:
+                self.probe.update(labels)
         return verdict.preempt
 
     def skip(self, loss: Tensor, epoch: int, buffers: list[Tensor] | None) -> None:
@@ -190,6 +199,8 @@ class TrainingLoop:
             "peak_memory_mib": peak_memory_mib(self.run.device),
         }
         is_last = self.finished()
+        if self.probe is not None:  # identical on every rank: trained on the global batch
+            metrics["online_linear_train_top1"] = self.probe.train_accuracy()
         for monitor in self.monitors:
             metrics.update(monitor(epoch, is_last, self.last_inputs))
         if self.guard.corrupt is not None:
@@ -210,8 +221,13 @@ class TrainingLoop:
         run = self.run
         if self.state.step_in_epoch:  # mid-epoch: the epoch's loss so far goes along
             self.state.epoch_loss = (float(self.loss_sum), self.loss_steps)
+        extras = {"online_probe": self.probe.state_dict()} if self.probe is not None else {}
         payload = self.state.to_checkpoint(
-            config=run.cfg.to_dict(), module=run.module, optimizer=run.optimizer, scaler=run.scaler
+            config=run.cfg.to_dict(),
+            module=run.module,
+            optimizer=run.optimizer,
+            scaler=run.scaler,
+            extras=extras,
         )
         if payload is None:
             return
@@ -228,6 +244,8 @@ class TrainingLoop:
 def epoch_line(metrics: dict[str, Any], epochs: int, corrupt: bool) -> str:
     """The console line of an epoch."""
     knn = f", kNN {100 * metrics['knn_top1']:.1f} %" if "knn_top1" in metrics else ""
+    if "online_linear_top1" in metrics:
+        knn += f", online linear {100 * metrics['online_linear_top1']:.1f} %"
     skipped = f", {metrics['corrupt_skipped']} corrupt image(s) skipped" if corrupt else ""
     return (
         f"epoch {metrics['epoch']}/{epochs}: loss {metrics['loss']:.4g}, "

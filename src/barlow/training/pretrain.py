@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import torch
 
-from barlow import __version__, checkpoint, distributed
+from barlow import __version__, checkpoint, distributed, insight
 from barlow.assessment import EvalData, final_evaluation, online_knn
 from barlow.compute import flush_denormals
 from barlow.config import Config
@@ -25,6 +25,7 @@ from barlow.training import resume as resuming
 from barlow.training.guard import StepGuard
 from barlow.training.loop import EpochMonitor, TrainingLoop
 from barlow.training.memory import MemoryEstimate, is_out_of_memory, oom_message
+from barlow.training.online_probe import OnlineLinearProbe, build_online_probe
 from barlow.training.setup import Run, build_pretraining_run, init_device
 from barlow.training.state import TrainState
 
@@ -114,6 +115,7 @@ def train_and_export(
         console(f"--overwrite: the new run wrote its first checkpoint; it replaced {run_dir.path}")
         return run_dir
 
+    probe = online_probe(run, point)
     with signals, contextlib.closing(logbook), flush_denormals(run.device):
         guard = StepGuard.from_config(cfg, device=run.device, signals=signals)
         loop = TrainingLoop(
@@ -123,12 +125,17 @@ def train_and_export(
             guard=guard,
             logbook=logbook,
             progress=Progress(enabled=progress),
-            monitors=pretraining_monitors(method, cfg, run.device),
+            monitors=pretraining_monitors(
+                method, cfg, run.device, probe, insight=insight.insight_monitor(run, logbook, state)
+            ),
             last_saved=None if point is None or point.weights_only else str(point.path),
             run_record=record,
             on_first_save=swap_in if replacement is not None else None,
+            probe=probe,
         )
         epoch_metrics = fit_with_memory_advice(loop, estimate)
+    if probe is not None:
+        probe.detach()
     results = {"pretrain": epoch_metrics, **corrupt_report(guard)}
     if main:
         out = loop.run_dir  # the run directory itself once an --overwrite run swapped in
@@ -168,9 +175,31 @@ def complete_outputs(
     return dict(json.loads(saved.read_text())) if saved.is_file() else {}
 
 
-def pretraining_monitors(method: Method, cfg: Config, device: torch.device) -> list[EpochMonitor]:
+def online_probe(run: Run, point: resuming.ResumePoint | None) -> OnlineLinearProbe | None:
+    """The online linear classifier (``eval.online_linear``, labelled data), its state taken
+    from the checkpoint a run resumes from."""
+    method = cast(Method, run.module)
+    dataset = getattr(run.loader.dataset, "dataset", None)  # under the views wrapper
+    probe = build_online_probe(run.cfg, method.backbone, dataset, run.device)
+    if probe is not None and point is not None and not point.weights_only:
+        saved = point.state.get("online_probe")
+        if saved is not None:  # absent: a checkpoint from before it, or from a run without it
+            probe.load_state_dict(saved)
+    return probe
+
+
+def pretraining_monitors(
+    method: Method,
+    cfg: Config,
+    device: torch.device,
+    probe: OnlineLinearProbe | None = None,
+    *,
+    insight: EpochMonitor | None = None,
+) -> list[EpochMonitor]:
     """Each epoch: the collapse statistics of the last batch's features; every
-    ``eval.online_knn_every`` epochs and at the last, the kNN accuracy (main process)."""
+    ``eval.online_knn_every`` epochs and at the last, the kNN accuracy and the online linear
+    classifier's test accuracy (main process), and ``insight`` (``barlow.insight``'s record of
+    the probe batch, main process) when given."""
 
     def health(epoch: int, is_last: bool, views: Any) -> dict[str, Any]:
         was_training = method.training
@@ -180,7 +209,7 @@ def pretraining_monitors(method: Method, cfg: Config, device: torch.device) -> l
         method.train(was_training)
         return dict(embedding_health(features))
 
-    monitors: list[EpochMonitor] = [health]
+    monitors: list[EpochMonitor] = [health] if insight is None else [health, insight]
     every = cfg.eval.online_knn_every
     if not (distributed.is_main_process() and every):
         return monitors
@@ -193,7 +222,8 @@ def pretraining_monitors(method: Method, cfg: Config, device: torch.device) -> l
     def knn(epoch: int, is_last: bool, views: Any) -> dict[str, Any]:
         if (epoch + 1) % every and not is_last:
             return {}
-        return dict(online_knn(method.backbone, eval_data, cfg, device))
+        classifier = probe.test_accuracy if probe is not None else None
+        return dict(online_knn(method.backbone, eval_data, cfg, device, classifier))
 
     return [*monitors, knn]
 

@@ -205,6 +205,8 @@ def pretraining_data(
         dataset = data.build_dataset(
             cfg.data.dataset, split="unlabeled", root=cfg.data.root, download=cfg.data.download
         )
+        if cfg.data.train_subset is not None:
+            dataset = data.sampled_images(dataset, cfg.data.train_subset)
     device_views = None
     if cfg.data.augment_on == "device":
         if data.in_memory_images(dataset) is None:

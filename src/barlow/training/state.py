@@ -14,7 +14,8 @@ from barlow import __version__, checkpoint, distributed
 
 # The keys a training checkpoint must hold to resume a run (validation skips files lacking
 # one). It also holds, optional: "step_in_epoch" (without it a run resumes at the epoch) and
-# "epoch_loss" (each rank's loss sum and step count so far in a checkpoint's unfinished epoch).
+# "epoch_loss" (each rank's loss sum and step count so far in a checkpoint's unfinished epoch),
+# "online_probe" (the online linear classifier's head, optimizer and epoch counts).
 CHECKPOINT_KEYS: tuple[str, ...] = (
     "format_version",
     "barlow_version",
@@ -47,11 +48,13 @@ class TrainState:
         module: nn.Module,
         optimizer: torch.optim.Optimizer,
         scaler: torch.amp.GradScaler,
+        extras: Mapping[str, Any] | None = None,
     ) -> dict[str, Any] | None:
         """The checkpoint of this state: on the main process the dict to save, else None.
 
         Collective: every process's RNG and epoch loss go in (rank order), so a resume
-        continues each where it was; call it on every rank.
+        continues each where it was; call it on every rank. ``extras``: further entries that
+        travel with the run (e.g. ``online_probe``, the online classifier's state).
         """
         ranks: list[Any] = distributed.all_gather_object((checkpoint.rng_state(), self.epoch_loss))
         if not distributed.is_main_process():
@@ -69,6 +72,7 @@ class TrainState:
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "rng": rngs,
             "epoch_loss": losses,
+            **(extras or {}),
         }
 
     def finished(self, epochs: int, max_steps: int | None) -> bool:
