@@ -62,6 +62,27 @@ def test_grid_is_the_cartesian_product_times_seeds_named_by_differences() -> Non
     assert points[3].labels == {"method.lambd": "0.005", "method.projector": "32-32"}
 
 
+def test_baseline_seeds_repeat_only_the_first_point() -> None:
+    axes = [parse_grid("method.lambd=0.005,0.01"), parse_grid("train.batch_size=64,128")]
+    points = expand(axes, [0], "digits", baseline_seeds=[1, 2])
+    assert [p.name for p in points] == [
+        "method.lambd=0.005,train.batch_size=64,seed=0",
+        "method.lambd=0.005,train.batch_size=64,seed=1",
+        "method.lambd=0.005,train.batch_size=64,seed=2",
+        "method.lambd=0.005,train.batch_size=128,seed=0",
+        "method.lambd=0.01,train.batch_size=64,seed=0",
+        "method.lambd=0.01,train.batch_size=128,seed=0",
+    ]
+    assert [p.index for p in points] == list(range(6))
+
+
+@pytest.mark.parametrize("name", sorted(shipped_studies()))
+def test_every_shipped_cpu_study_runs_its_baseline_with_two_seeds_at_least(name: str) -> None:
+    points = load_study(name, "cpu").points()
+    first = points[0].labels
+    assert len({p.seed for p in points if p.labels == first}) >= 2
+
+
 def test_grid_values_split_outside_brackets_and_quotes() -> None:
     assert split_values('1,[2, 3],"a,b"') == ["1", "[2, 3]", '"a,b"']
     with pytest.raises(ValueError, match="empty value"):

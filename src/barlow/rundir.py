@@ -199,7 +199,7 @@ def run_lock(run_dir: RunDir) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown"
+            holder = _lock_holder(fd)
             raise RunInUseError(
                 f"{run_dir.path} is in use by another barlow run ({holder}); wait for it to "
                 "end (or stop it), or choose another --out"
@@ -219,6 +219,17 @@ def run_lock(run_dir: RunDir) -> Iterator[None]:
             raise
     finally:
         os.close(fd)  # closing releases the flock
+
+
+def _lock_holder(fd: int, *, wait_s: float = 2.0) -> str:
+    """The name the lock's holder wrote into ``.lock``. A holder that has just taken the lock
+    writes its name a moment later: an empty file is read again for up to ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
+        if holder or time.monotonic() >= deadline:
+            return holder or "unknown"
+        time.sleep(0.05)
 
 
 class Replacement:

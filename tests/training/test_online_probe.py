@@ -58,6 +58,14 @@ def test_the_probe_learns_separable_classes_and_measures_its_accuracy() -> None:
     assert untrained.test_accuracy(test) < 0.5  # zero weights: every image gets class 0
 
 
+def test_building_the_probe_draws_nothing_from_the_global_generator() -> None:
+    """A resumed run builds the probe after restoring the random state: a draw would shift every
+    later step that draws (dropout, noise), as test_resume_controls' RNG control found."""
+    state = torch.get_rng_state()
+    OnlineLinearProbe(256, 10, lr=0.1, device=torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_the_hook_keeps_the_first_backbone_call_after_arming_only() -> None:
     backbone = nn.Linear(3, 5)
     probe = OnlineLinearProbe(5, 2, lr=0.1, device=torch.device("cpu"))

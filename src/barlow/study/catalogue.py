@@ -49,7 +49,7 @@ from barlow.study.grid import (
 
 SCALES = ("cpu", "gpu")
 _STUDY_KEYS = {"title", "source", "expect", "notes", "plot", "paper", *SCALES}
-_SCALE_KEYS = {"recipe", "epochs", "seeds", "set", "axis", "notes"}
+_SCALE_KEYS = {"recipe", "epochs", "seeds", "baseline_seeds", "set", "axis", "notes"}
 _LEVEL_KEYS = {"label", "set", "recipe", "x", "name"}
 
 
@@ -64,6 +64,7 @@ class Study:
     seeds: tuple[int, ...] = (0,)
     overrides: tuple[str, ...] = ()
     scale: str | None = None
+    baseline_seeds: tuple[int, ...] = ()  # more seeds for the baseline point only
     title: str = ""
     source: str = ""  # where the paper's numbers come from
     expect: str = ""  # the paper's finding, in words
@@ -72,7 +73,7 @@ class Study:
     plot: Mapping[str, Any] = field(default_factory=dict)  # x (axis name), log_x (bool)
 
     def points(self) -> list[Point]:
-        return expand(self.axes, self.seeds, self.recipe, self.overrides)
+        return expand(self.axes, self.seeds, self.recipe, self.overrides, self.baseline_seeds)
 
     def manifest(self) -> dict[str, Any]:
         """What ``study.json`` records, and what a re-run into the directory must match."""
@@ -83,6 +84,7 @@ class Study:
             "grid": describe(self.axes),
             "seeds": list(self.seeds),
             "overrides": list(self.overrides),
+            **({"baseline_seeds": list(self.baseline_seeds)} if self.baseline_seeds else {}),
         }
 
     def paper_number(self, labels: Mapping[str, str]) -> float | None:
@@ -154,6 +156,7 @@ def study_from_dict(
         seeds=tuple(int(s) for s in table.get("seeds", [0])),
         overrides=(*items, *overrides),
         scale=scale,
+        baseline_seeds=tuple(int(s) for s in table.get("baseline_seeds", [])),
         title=str(raw.get("title", "")),
         source=str(raw.get("source", "")),
         expect=str(raw.get("expect", "")),

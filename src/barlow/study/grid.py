@@ -178,15 +178,22 @@ def safe_name(text: str) -> str:
 
 
 def expand(
-    axes: Sequence[Axis], seeds: Sequence[int], recipe: str, overrides: Iterable[str] = ()
+    axes: Sequence[Axis],
+    seeds: Sequence[int],
+    recipe: str,
+    overrides: Iterable[str] = (),
+    baseline_seeds: Sequence[int] = (),
 ) -> list[Point]:
     """The Cartesian product of the axes' levels × seeds, in order (the last axis and then the
     seed vary fastest). ``overrides`` (the study's and the user's ``--set``) come first in each
-    point's overrides, the levels' after them, the seed last."""
+    point's overrides, the levels' after them, the seed last. ``baseline_seeds``: further seeds
+    for the baseline point only (every axis at its first level), so a study shows its seed noise
+    at the price of one point per seed instead of a whole grid."""
     check_axes(axes, overrides)
     points: list[Point] = []
-    for levels in itertools.product(*(axis.levels for axis in axes)):
-        for seed in seeds:
+    for n, levels in enumerate(itertools.product(*(axis.levels for axis in axes))):
+        extra = [s for s in baseline_seeds if s not in seeds] if n == 0 else []
+        for seed in [*seeds, *extra]:
             point_recipe = next((lv.recipe for lv in reversed(levels) if lv.recipe), recipe)
             items = (*overrides, *(o for lv in levels for o in lv.overrides), f"{SEED_KEY}={seed}")
             parts = [lv.part() for lv in levels] + [f"seed={seed}"]

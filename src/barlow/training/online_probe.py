@@ -34,7 +34,9 @@ class OnlineLinearProbe:
     ) -> None:
         if num_classes < 2:
             raise ValueError(f"the online linear classifier needs >= 2 classes, got {num_classes}")
-        linear = nn.Linear(num_features, num_classes)
+        # skip_init: nn.Linear's own initialisation would draw from the global generator, and a
+        # resumed run builds the probe after restoring it (the steps after would shift)
+        linear = nn.utils.skip_init(nn.Linear, num_features, num_classes)
         nn.init.zeros_(linear.weight)
         nn.init.zeros_(linear.bias)
         self.head = nn.Sequential(nn.BatchNorm1d(num_features, affine=False), linear).to(device)
