@@ -10,11 +10,13 @@ forked from one helper process that imported torch once, which keeps ten trials 
 from __future__ import annotations
 
 import os
+import queue
 import random
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,12 +101,28 @@ class Helper:
             env=env,
         )
         self.savers: set[int] = set()  # forked and not yet killed
+        # Lines arrive through a reader thread, so a wait that never ends (a saver that dies
+        # silently) fails with what was read instead of hanging the suite.
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.history: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
         assert self.readline() == "ready"
 
-    def readline(self) -> str:
+    def _read(self) -> None:
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put("")  # end of file: the helper died
+
+    def readline(self, timeout: float = 120.0) -> str:
+        try:
+            line = self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(
+                f"no line from the helper in {timeout:.0f} s; the last ones: {self.history[-5:]}"
+            ) from None
         assert line, "the helper process died"
+        self.history.append(line.strip())
         return line.strip()
 
     def send(self, line: str) -> None:

@@ -253,4 +253,5 @@ def test_another_grid_into_the_same_directory_is_refused(
 def test_list_prints_the_points_for_an_array(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["study", "lambd", "--scale", "cpu", "--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 7 and lines[0].split() == ["0", "method.lambd=0.0005,seed=0"]
+    assert len(lines) == 8 and lines[0].split() == ["0", "method.lambd=0.0005,seed=0"]
+    assert lines[1].split() == ["1", "method.lambd=0.0005,seed=1"]  # the baseline's second seed

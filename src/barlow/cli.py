@@ -478,3 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"barlow {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from barlow import distributed
+
+        distributed.leave()

@@ -78,7 +78,21 @@ def init_from_env(backend: str | None = None, timeout_s: float = 1800.0) -> torc
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if backend == "nccl" else None,
     )
+    _OWN_GROUP.append(True)
     return device
+
+
+# Whether init_from_env created the default group (a caller's own group is the caller's to end).
+_OWN_GROUP: list[bool] = []
+
+
+def leave() -> None:
+    """Destroy the default process group if :func:`init_from_env` created it. Called when a
+    command ends: a group left to the interpreter's exit can abort the process there ("terminate
+    called without an active exception" from Gloo's threads, exit code -6) after a finished run."""
+    if _OWN_GROUP and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_GROUP.clear()
 
 
 def barrier() -> None:

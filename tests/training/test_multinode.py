@@ -33,7 +33,7 @@ from barlow.encoder import build_method, crop_size
 from barlow.methods import Method
 from barlow.training import wrap_for_training
 from comparisons import assert_identical, max_rel_err
-from processes import free_port, save_rank_result
+from processes import free_port, leave_process_group, save_rank_result
 from runs import FAST, records, sets, weights
 
 pytestmark = pytest.mark.slow
@@ -114,7 +114,10 @@ def node_main(out_dir: str, pretrain_args: Sequence[str]) -> int:
         "same_shard": step(shard(0)),  # negative control: both nodes on rank 0's half
     }
     save_rank_result(out_dir, rank, results)
-    return main(["pretrain", *pretrain_args])
+    try:
+        return main(["pretrain", *pretrain_args])
+    finally:
+        leave_process_group()  # this stub made the group, so it ends it
 
 
 @dataclass
