@@ -4,11 +4,18 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
+import torch
 
 from processes import spawn_ranks
+
+# Runs compared bit for bit need one thread count throughout: barlow's adaptive threads
+# (cpu_share) leave a count the environment names alone, in this process and in the runs it
+# starts. tests/test_cpu_share.py tests the adaptation itself.
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
 
 # Their asserts explain a failure like a test's own (pytest rewrites test modules only).
 pytest.register_assert_rewrite("comparisons", "runs")

@@ -102,6 +102,28 @@ def spawn_ranks(worker: Callable[[int, int, str], None], world: int, out_dir: Pa
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
 
+def even_rows(rank: int, batch: int, world: int) -> tuple[int, int]:
+    """Rank ``rank``'s rows [start, stop) of a global batch split evenly over ``world`` ranks."""
+    rows = batch // world
+    return rank * rows, (rank + 1) * rows
+
+
+def skewed_embeddings(
+    batch: int, dim: int, row_scale: float, row_shift: float, decades: float
+) -> tuple[Tensor, Tensor]:
+    """Two correlated (batch, dim) embeddings whose second half of rows is ``row_scale``× larger
+    and shifted by ±``row_shift``, with columns spread over ``decades`` decades: a rank that used
+    its own statistics or rows instead of the global batch's would show."""
+    gen = torch.Generator().manual_seed(2)
+    z1 = torch.randn(batch, dim, generator=gen)
+    z2 = 0.6 * z1 + torch.randn(batch, dim, generator=gen)
+    half = batch // 2
+    scale = torch.cat([torch.ones(half, 1), torch.full((batch - half, 1), row_scale)])
+    shift = torch.cat([torch.zeros(half, 1), torch.full((batch - half, 1), row_shift)])
+    columns = torch.logspace(-decades / 2, decades / 2, dim)
+    return (z1 * scale + shift) * columns, (z2 * scale - shift) * columns
+
+
 def gather_without_summed_gradients(x: Tensor) -> Tensor:
     """A deliberately broken ``distributed.gather_with_grad``, for negative controls in a spawned
     rank: the classic bug of gathering without autograd and putting the local rows back, so the

@@ -20,23 +20,9 @@ from barlow.study import load_study, parse_grid, parse_seeds, shipped_studies, s
 from barlow.study.grid import expand, key_axis, safe_name, split_values
 from barlow.study.results import COLLAPSE_KEYS
 from barlow.study.runner import check_points, selected_point
-from runs import sets
+from runs import TINY_POINT, sets
 
-# One digits point in seconds: an epoch of 4 steps on 512 images, a 16-16 projector, a small
-# evaluation.
-TINY = sets(
-    'method.projector="16-16"',
-    "data.train_subset=512",
-    "train.batch_size=128",
-    "train.epochs=1",
-    "train.log_every=2",
-    "optim.warmup_epochs=1",
-    "eval.online_knn_every=0",
-    "eval.baselines=false",
-    "eval.probe_epochs=5",
-    "eval.knn_k=20",
-    'data.augment_on="device"',
-)
+TINY = sets(*TINY_POINT)
 
 
 def test_grid_is_the_cartesian_product_times_seeds_named_by_differences() -> None:

@@ -88,6 +88,8 @@ class EvalData:
     crop_size: int
     num_classes: int
     num_workers: int = 0
+    # what ``test`` holds: the test split, or the training images ``data.holdout`` held out
+    test_split: str = "test split"
 
     @classmethod
     def build(
@@ -99,9 +101,12 @@ class EvalData:
         crop_size: int | None = None,
         num_workers: int = 0,
         encoder_dataset: str | None = None,
+        holdout: int = 0,
     ) -> EvalData:
         """``encoder_dataset``: the dataset the encoder was pretrained on, when it is another
-        (transfer): its channels and normalisation are the encoder's input."""
+        (transfer): its channels and normalisation are the encoder's input. ``holdout`` > 0:
+        the test set is that many training images held out (``data.holdout``), the train set
+        the rest."""
         info = data.dataset_info(dataset)
         train = data.build_dataset(dataset, split="train", root=root, download=download)
         test = data.build_dataset(dataset, split="test", root=root, download=download)
@@ -115,7 +120,18 @@ class EvalData:
         if num_classes < 2:
             raise ValueError(f"dataset {dataset!r} needs at least 2 classes to evaluate")
         preprocess = encoder_preprocess(encoder_dataset or dataset, size)
-        return cls(train, test, preprocess, size, num_classes, num_workers)
+        if not holdout:
+            return cls(train, test, preprocess, size, num_classes, num_workers)
+        kept, held = data.holdout_indices(len(train), holdout)  # type: ignore[arg-type]
+        return cls(
+            data.subset_images(train, kept),
+            data.subset_images(train, held),
+            preprocess,
+            size,
+            num_classes,
+            num_workers,
+            test_split=f"{holdout} held-out training images (data.holdout)",
+        )
 
     @classmethod
     def from_config(
@@ -131,6 +147,7 @@ class EvalData:
             crop_size=crop_size(cfg),
             num_workers=cfg.data.num_workers,
             encoder_dataset=cfg.data.dataset if other else None,
+            holdout=0 if other else cfg.data.holdout,
         )
 
     def batches(
@@ -307,10 +324,10 @@ def final_evaluation(
                 seed=seed,
             )
     console(
-        f"evaluation ({time.perf_counter() - start:.0f} s), {cfg.data.dataset} test split:\n"
-        + results_table(rows)
+        f"evaluation ({time.perf_counter() - start:.0f} s), {cfg.data.dataset} "
+        f"{eval_data.test_split}:\n" + results_table(rows)
     )
-    return {"evaluation": rows}
+    return {"evaluation": rows, "evaluated_on": eval_data.test_split}
 
 
 def load_pretrained(path: str | Path) -> tuple[Method, Config, dict[str, Any]]:

@@ -454,13 +454,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     # before any tensor work: then every thread of this process flushes them.
     torch.set_flush_denormal(True)
 
+    from barlow import cpu_share
     from barlow.checkpoint import CheckpointWriteError
     from barlow.health import CollapseError
     from barlow.preemption import Preempted
     from barlow.training import NonFiniteLossError
 
     try:
-        result: Any = args.func(args)
+        with cpu_share.shared_cpu(cpu_share.AUTO):  # a run's train.threads applies inside
+            result: Any = args.func(args)
         return int(result)
     except Preempted as exc:
         print(f"barlow {args.command}: {exc}", file=sys.stderr)

@@ -47,6 +47,10 @@ class DataConfig:
     # Pretrain on N training images only, drawn at random with seed 0 (None: all): a quick
     # study on a slice. The evaluation keeps the full labelled splits.
     train_subset: int | None = None
+    # Hold N labelled training images out (a draw seeded apart from train_subset's): pretraining
+    # never sees them and the evaluation scores on them instead of the test split, so recipes
+    # are chosen without the test labels (0: none; datasets pretrained on their train split)
+    holdout: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,9 @@ class TrainConfig:
     # With --resume, a checkpoint of a run whose method / model / batch / dataset differ gives
     # its weights (the schedule, optimizer and step counters start fresh) instead of an error.
     resume_weights_only: bool = False
+    # torch's intra-op threads: 0 adapts them to the cores other processes leave free
+    # (barlow.cpu_share: two jobs on one machine stop stalling each other); N fixes them
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -284,6 +291,10 @@ def _optim_and_train_rules(cfg: Config) -> list[tuple[bool, str]]:
         ),
         (cfg.train.keep_last >= 0, f"train.keep_last must be >= 0, got {cfg.train.keep_last}"),
         (
+            cfg.train.threads >= 0,
+            f"train.threads must be >= 0 (0: adapt to the machine's load), got {cfg.train.threads}",
+        ),
+        (
             cfg.train.dist_timeout_s > 0,
             f"train.dist_timeout_s must be > 0 seconds, got {cfg.train.dist_timeout_s}",
         ),
@@ -302,6 +313,7 @@ def _data_eval_and_finetune_rules(cfg: Config) -> list[tuple[bool, str]]:
             cfg.data.train_subset is None or cfg.data.train_subset >= 2,
             f"data.train_subset must be >= 2 images, got {cfg.data.train_subset}",
         ),
+        (cfg.data.holdout >= 0, f"data.holdout must be >= 0 images, got {cfg.data.holdout}"),
         (
             cfg.data.crop_size is None or cfg.data.crop_size >= 4,
             f"data.crop_size must be >= 4, got {cfg.data.crop_size}",

@@ -919,21 +919,53 @@ def build_dataset(
     return _folder_split(Path(name_or_path).expanduser(), split)
 
 
+def subset_images(dataset: Dataset[Any], indices: Tensor) -> Dataset[Any]:
+    """The images at ``indices``; in memory stays in memory, so the batched views still apply."""
+    if isinstance(dataset, TensorImages):
+        return TensorImages(dataset.images[indices], dataset.labels[indices], dataset.classes)
+    return Subset(dataset, indices.tolist())
+
+
 def sampled_images(dataset: Dataset[Any], count: int) -> Dataset[Any]:
     """``count`` images of ``dataset`` drawn uniformly without replacement (a permutation seeded
     with 0, the chosen indices kept in dataset order): ``data.train_subset``. Not the first
-    ``count``: an image folder lists its classes one after the other. In memory stays in memory,
-    so the batched views still apply."""
+    ``count``: an image folder lists its classes one after the other."""
     total = len(dataset)  # type: ignore[arg-type]
     if count > total:
         raise ValueError(
             f"data.train_subset={count} exceeds the {total} training images; lower it or drop it"
         )
     chosen = torch.randperm(total, generator=torch.Generator().manual_seed(0))[:count]
-    chosen = torch.sort(chosen).values
-    if isinstance(dataset, TensorImages):
-        return TensorImages(dataset.images[chosen], dataset.labels[chosen], dataset.classes)
-    return Subset(dataset, chosen.tolist())
+    return subset_images(dataset, torch.sort(chosen).values)
+
+
+HOLDOUT_SEED = 20260101  # apart from train_subset's draw (seed 0), which takes from what is left
+
+
+def holdout_indices(total: int, count: int) -> tuple[Tensor, Tensor]:
+    """(kept, held out) indices of ``total`` training images, ``count`` held out: a draw seeded
+    with ``HOLDOUT_SEED``, each part in dataset order (``data.holdout``)."""
+    if not 0 < count < total:
+        raise ValueError(
+            f"data.holdout={count} must be at least 1 and less than the {total} training "
+            "images; lower it"
+        )
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(HOLDOUT_SEED))
+    return torch.sort(order[count:]).values, torch.sort(order[:count]).values
+
+
+def without_holdout(dataset: Dataset[Any], name: str, count: int) -> Dataset[Any]:
+    """The pretraining images less the ``count`` held out of the labelled train split; refused
+    where the pretraining split is not the train split (STL-10's adds unlabelled images)."""
+    train_size = dataset_info(name).train_size
+    total = len(dataset)  # type: ignore[arg-type]
+    if train_size is not None and train_size != total:
+        raise ValueError(
+            f"data.holdout needs a dataset pretrained on its labelled train split; {name!r} "
+            f"pretrains on {total} images, its train split has {train_size}: set data.holdout=0"
+        )
+    kept, _ = holdout_indices(total, count)
+    return subset_images(dataset, kept)
 
 
 def labelled(dataset: Dataset[Any]) -> bool:

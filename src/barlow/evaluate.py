@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from barlow import cpu_share
 from barlow.logbook import console
 from barlow.optim import scaled_lr, set_learning_rate, warmup_cosine
 from barlow.rundir import atomic_write_text
@@ -98,6 +99,7 @@ def extract_features(
     # autograd graph, and the linear probe trains a head on exactly these features.
     with _eval_mode(encoder):
         for images, y in _progress(loader, description):
+            cpu_share.tick()
             h = encoder(_prepare(images, device, preprocess))
             features.append(h.flatten(1).float().cpu())
             labels.append(torch.as_tensor(y).long().cpu())
@@ -231,6 +233,7 @@ def knn_predict(
     k = min(k, len(train))
     predictions = []
     for start in range(0, len(test), chunk_size):
+        cpu_share.tick()
         queries = test.features[start : start + chunk_size].to(device, torch.float32)
         similarity = F.normalize(queries, dim=1) @ bank.T  # (chunk, N_train)
         top_similarity, top_index = top_k_lowest_index_on_ties(similarity, k)
@@ -400,6 +403,7 @@ def linear_probe(
     )
 
     def objective() -> Tensor:
+        cpu_share.tick()
         optimizer.zero_grad()
         total = torch.zeros((), device=device)
         for start in range(0, len(x_train), chunk_size):
@@ -499,6 +503,7 @@ def linear_eval(
             loss_sum, seen = torch.zeros((), device=device), 0
             description = f"linear eval {epoch + 1}/{epochs}" if progress else None
             for images, labels in _progress(train_loader, description):
+                cpu_share.tick()
                 batch_size = batch_size or len(images)
                 base_lr = scaled_lr(lr, batch_size)
                 set_learning_rate(

@@ -275,8 +275,7 @@ def insight_monitor(run: Run, logbook: Logbook, state: TrainState) -> EpochMonit
     from barlow.training.setup import pretraining_data  # late: barlow.training imports this
 
     cfg, device = run.cfg, run.device
-    dataset = getattr(run.loader.dataset, "dataset", run.loader.dataset)  # ViewDataset / RawImages
-    source = pretraining_data(cfg, device, dataset)
+    source = pretraining_data(cfg, device, run.images)
     probe = ProbeBatch(
         source.dataset,
         source.specs,

@@ -24,7 +24,8 @@ from barlow.losses import (
     finite_checks_by_caller,
 )
 from comparisons import max_rel_err, rel_err
-from processes import join_as_rank, leave_process_group, save_rank_result
+from processes import even_rows as shard_rows
+from processes import join_as_rank, leave_process_group, save_rank_result, skewed_embeddings
 from test_distributed import (
     GLOBAL_BATCH,
     OUT_DIM,
@@ -48,19 +49,11 @@ def global_embeddings() -> tuple[Tensor, Tensor]:
 
     Standardising with one rank's statistics, or Σz² − (Σz)² in float32, would show here.
     """
-    gen = torch.Generator().manual_seed(2)
-    z1 = torch.randn(GLOBAL_BATCH, EMBED_DIM, generator=gen)
-    z2 = 0.6 * z1 + torch.randn(GLOBAL_BATCH, EMBED_DIM, generator=gen)
-    half = GLOBAL_BATCH // 2
-    scale = torch.cat([torch.ones(half, 1), torch.full((GLOBAL_BATCH - half, 1), 40.0)])
-    shift = torch.cat([torch.zeros(half, 1), torch.full((GLOBAL_BATCH - half, 1), 300.0)])
-    columns = torch.logspace(-2, 2, EMBED_DIM)
-    return (z1 * scale + shift) * columns, (z2 * scale - shift) * columns
+    return skewed_embeddings(GLOBAL_BATCH, EMBED_DIM, 40.0, 300.0, decades=4)
 
 
 def even_rows(rank: int) -> tuple[int, int]:
-    rows = GLOBAL_BATCH // WORLD_SIZE
-    return rank * rows, (rank + 1) * rows
+    return shard_rows(rank, GLOBAL_BATCH, WORLD_SIZE)
 
 
 def ddp_run(path: str, rank: int, out_dim: int = OUT_DIM) -> dict[str, Tensor]:

@@ -26,7 +26,9 @@ from processes import (
     join_as_rank,
     leave_process_group,
     save_rank_result,
+    skewed_embeddings,
 )
+from processes import even_rows as shard_rows
 
 WORLD_SIZE = 2
 GLOBAL_BATCH = 16
@@ -70,21 +72,12 @@ BROKEN = {
 
 
 def global_embeddings() -> tuple[Tensor, Tensor]:
-    """Rank 1's rows 4× larger than rank 0's and shifted by ±3; columns over 2 decades: a rank's
-    own statistics or row set would show."""
-    gen = torch.Generator().manual_seed(2)
-    z1 = torch.randn(GLOBAL_BATCH, EMBED_DIM, generator=gen)
-    z2 = 0.6 * z1 + torch.randn(GLOBAL_BATCH, EMBED_DIM, generator=gen)
-    half = GLOBAL_BATCH // 2
-    scale = torch.cat([torch.ones(half, 1), torch.full((GLOBAL_BATCH - half, 1), 4.0)])
-    shift = torch.cat([torch.zeros(half, 1), torch.full((GLOBAL_BATCH - half, 1), 3.0)])
-    columns = torch.logspace(-1, 1, EMBED_DIM)
-    return (z1 * scale + shift) * columns, (z2 * scale - shift) * columns
+    """Rank 1's rows 4× larger than rank 0's and shifted by ±3; columns over 2 decades."""
+    return skewed_embeddings(GLOBAL_BATCH, EMBED_DIM, 4.0, 3.0, decades=2)
 
 
 def even_rows(rank: int) -> tuple[int, int]:
-    rows = GLOBAL_BATCH // WORLD_SIZE
-    return rank * rows, (rank + 1) * rows
+    return shard_rows(rank, GLOBAL_BATCH, WORLD_SIZE)
 
 
 def embedding_run(name: str, path: str, rows: tuple[int, int]) -> dict[str, Tensor]:

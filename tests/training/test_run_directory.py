@@ -32,7 +32,8 @@ EVALUATED = [
     "eval.baselines=false",
     "eval.probe_epochs=5",
 ]
-TIMINGS = ("epoch_time_s", "images_per_s", "peak_memory_mib", "knn_time_s")
+# what the machine decides: the clock, memory, and the thread count (cpu_share)
+TIMINGS = ("epoch_time_s", "images_per_s", "peak_memory_mib", "knn_time_s", "threads")
 
 
 def outputs(run: Path) -> list[Path]:

@@ -1,6 +1,7 @@
 """A study killed inside its second point (SIGKILL of the study and its training process) and run
 again finishes with the numbers of an uninterrupted run: the finished point is skipped, the
-killed one resumes bit for bit from its last checkpoint."""
+killed one resumes bit for bit from its last checkpoint. A point stopped by a signal to its
+training process alone stops the study."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from processes import run_group
-from runs import sets
+from runs import TINY_POINT, sets
 
 # 3 epochs of 4 steps on 512 digits images, a checkpoint after each epoch.
 SWEEP = [
@@ -24,19 +26,7 @@ SWEEP = [
     "digits",
     "--grid",
     "method.lambd=0.005,0.01",
-    *sets(
-        'method.projector="16-16"',
-        "data.train_subset=512",
-        "train.batch_size=128",
-        "train.epochs=3",
-        "train.log_every=2",
-        "optim.warmup_epochs=1",
-        "eval.online_knn_every=0",
-        "eval.baselines=false",
-        "eval.probe_epochs=5",
-        "eval.knn_k=20",
-        'data.augment_on="device"',
-    ),
+    *sets(*TINY_POINT, "train.epochs=3"),
 ]
 SECOND = "method.lambd=0.01,seed=0"
 
@@ -97,3 +87,41 @@ def test_killed_study_resumes_to_the_uninterrupted_numbers(tmp_path: Path) -> No
     )
     assert resumed["loss"] == expected["loss"] and resumed["epochs"] == 3
     assert (out / "results.md").is_file() and (out / "results.png").is_file()
+
+
+FIRST = "method.lambd=0.005,seed=0"
+
+
+@pytest.mark.slow
+def test_a_point_stopped_by_a_signal_stops_the_study(tmp_path: Path) -> None:
+    """SIGTERM (a preemption) to the training process alone: its run saves and stops, and the
+    study stops with it (exit 143) instead of calling the point failed and starting the next;
+    the same command then finishes both points."""
+    out = tmp_path / "study"
+    proc = subprocess.Popen(
+        _command(out),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    checkpoint, deadline = out / FIRST / "checkpoint.pt", time.monotonic() + 600
+    try:
+        while not checkpoint.exists():
+            assert proc.poll() is None, "the sweep ended before its first point checkpointed"
+            assert time.monotonic() < deadline, "the first point wrote no checkpoint in time"
+            time.sleep(0.05)
+        (trainer,) = psutil.Process(proc.pid).children()
+        trainer.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err
+    assert f"point {FIRST} stopped" in err and "run the same command again" in err
+    assert not (out / SECOND).exists()  # the next point never started
+    assert _records(out)[FIRST]["status"] == "interrupted"
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_ARRAY_TASK_ID"}
+    again = run_group(_command(out), env, 900)
+    assert again.returncode == 0, again.stderr
+    assert [r["status"] for r in _records(out).values()] == ["ok", "ok"]

@@ -39,6 +39,7 @@ EPOCH_BOOKKEEPING = {
     "epoch",
     "images_per_s",
     "peak_memory_mib",
+    "threads",
     "corrupt_skipped",
     "corrupt_skipped_total",
 }
@@ -195,40 +196,34 @@ def _keys(runs: Sequence[RunRecord], records: str, skip: set[str] | tuple[str, .
     return list(keys)
 
 
+def _panel_block(heading: str, panels: Sequence[tuple[str, Sequence[Series]]], x: str) -> str:
+    """A heading over the panels that have data; empty when none has."""
+    kept = [(title, series) for title, series in panels if series]
+    return f"<h3>{heading}</h3>" + _panels(kept, x) if kept else ""
+
+
 def _curves_section(runs: Sequence[RunRecord]) -> str:
-    parts = []
     step_keys = _keys(runs, "steps", STEP_BOOKKEEPING)
     step_keys = [*sorted(step_keys, key=lambda k: k != "loss"), "lr"]
-    panels = [(TITLES.get(k, k), _series(runs, "steps", k)) for k in step_keys]
-    panels = [(title, series) for title, series in panels if series]
-    if panels:
-        parts.append("<h3>Per step</h3>")
-        parts.append(_panels(panels, "step"))
-    else:
-        parts.append(_note("No step records in metrics.jsonl yet."))
+    steps = [(TITLES.get(k, k), _series(runs, "steps", k)) for k in step_keys]
     accuracy = [(TITLES[k], _series(runs, "epochs", k)) for k in ACCURACY_KEYS]
-    accuracy = [(title, series) for title, series in accuracy if series]
-    if accuracy:
-        parts.append("<h3>Online evaluation per epoch</h3>")
-        parts.append(_panels(accuracy, "epoch"))
-    else:
-        parts.append(_note("No online kNN or linear accuracy in the epoch records."))
     skip = EPOCH_BOOKKEEPING | set(ACCURACY_KEYS) | set(RANKME_KEYS)
     monitor_keys = [k for k in _keys(runs, "epochs", skip) if not k.endswith("_time_s")]
     monitors = [(k, _series(runs, "epochs", k)) for k in monitor_keys]
-    if monitors:
-        parts.append("<h3>Monitors per epoch</h3>")
-        parts.append(_panels(monitors, "epoch"))
-    return "".join(parts)
+    return "".join(
+        [
+            _panel_block("Per step", steps, "step")
+            or _note("No step records in metrics.jsonl yet."),
+            _panel_block("Online evaluation per epoch", accuracy, "epoch")
+            or _note("No online kNN or linear accuracy in the epoch records."),
+            _panel_block("Monitors per epoch", monitors, "epoch"),
+        ]
+    )
 
 
 def _insight_section(runs: Sequence[RunRecord]) -> str:
-    parts = []
     rankme = [(TITLES[k], _series(runs, "epochs", k)) for k in RANKME_KEYS]
-    rankme = [(title, series) for title, series in rankme if series]
-    if rankme:
-        parts.append("<h3>RankMe per epoch</h3>")
-        parts.append(_panels(rankme, "epoch"))
+    parts = [_panel_block("RankMe per epoch", rankme, "epoch")]
     for run in runs:
         parts.append(f"<h3>{html.escape(run.name)}</h3>")
         insight = run.insight

@@ -47,7 +47,8 @@ def point_record(
 ) -> dict[str, Any]:
     """A point's record: its levels and config differences, the final kNN / linear top-1, the
     loss terms of its last logged step, the collapse statistics of its last epoch, its wall
-    time (of the attempts that ended, summed) and status (``ok`` or ``failed`` with the error)."""
+    time (of the attempts that ended, summed) and status (``ok`` or ``failed`` with the error;
+    the runner marks a point stopped by Ctrl-C or a preemption ``interrupted``)."""
     keys = [k.partition("=")[0].strip() for lv in point.levels for k in lv.overrides]
     differences = {key: config_value(config, key) for key in keys}
     if point.recipe != study.recipe:
@@ -132,7 +133,10 @@ def markdown(study: Study, points: Sequence[Point], records: Sequence[Mapping[st
     lines = [f"# Study {study.name}{scale}", ""]
     if study.title:
         lines += [study.title, ""]
-    lines += [f"- recipe: `{study.recipe}`; seeds: {', '.join(map(str, study.seeds))}"]
+    seeds = ", ".join(map(str, study.seeds))
+    if study.baseline_seeds:
+        seeds += f" (the first row also {', '.join(map(str, study.baseline_seeds))})"
+    lines += [f"- recipe: `{study.recipe}`; seeds: {seeds}"]
     if study.overrides:
         lines += [f"- every point: `{' '.join('--set ' + o for o in study.overrides)}`"]
     if study.expect:
@@ -148,8 +152,9 @@ def markdown(study: Study, points: Sequence[Point], records: Sequence[Mapping[st
         ok = [r for r in found if r["status"] == "ok"]
         cells = [first.labels[axis.name] for axis in study.axes]
         cells += [_percent([r[key] for r in ok if r.get(key) is not None]) for key, _ in METRICS]
-        failed = len(found) - len(ok)
-        cells.append(f"{len(ok)}/{len(study.seeds)}" + (f" ({failed} failed)" if failed else ""))
+        failed = sum(r["status"] == "failed" for r in found)
+        planned = sum(p.labels == first.labels for p in points)
+        cells.append(f"{len(ok)}/{planned}" + (f" ({failed} failed)" if failed else ""))
         times = [r["wall_s"] for r in ok if r.get("wall_s")]
         cells.append(f"{statistics.fmean(times) / 60:.1f} min" if times else "—")
         if paper:

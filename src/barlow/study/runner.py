@@ -32,6 +32,7 @@ from typing import Any
 
 from barlow.config import apply_overrides, from_dict, read_recipe, shipped_recipes
 from barlow.logbook import console
+from barlow.preemption import EXIT_CODE, INTERRUPT_EXIT_CODE, Preempted
 from barlow.rundir import RunDir, atomic_write_text, make_run_directory
 from barlow.study import results
 from barlow.study.catalogue import Study
@@ -150,7 +151,13 @@ def run_study(
         start = time.monotonic()
         error = _refusal(study_dir / current.name, config)
         if error is None:
-            error = train_point(current, study_dir, progress)
+            try:
+                error = train_point(current, study_dir, progress)
+            except Preempted:  # saved by the point's run: this study stops, to go on later
+                _record(study, study_dir, current, config, None, time.monotonic() - start, True)
+                with study_lock(study_dir):
+                    results.write_results(study, study_dir, plot=False)
+                raise
         durations.append(time.monotonic() - start)
         _record(study, study_dir, current, config, error, durations[-1])
         if error:
@@ -213,6 +220,7 @@ def _record(
     config: Mapping[str, Any] | str,
     error: str | None,
     seconds: float | None,
+    interrupted: bool = False,
 ) -> None:
     before = results.load_record(study_dir, point) or {}
     wall = (before.get("wall_s") or 0.0) + seconds if seconds is not None else None
@@ -220,6 +228,8 @@ def _record(
     record = results.point_record(
         point, study, study_dir / point.name, resolved, error=error, wall_s=wall
     )
+    if interrupted:
+        record["status"] = "interrupted"
     results.save_record(study_dir, record)
 
 
@@ -280,6 +290,12 @@ def train_point(point: Point, study_dir: Path, progress: bool) -> str | None:
             raise
     if child.returncode == 0:
         return None
+    if child.returncode in (EXIT_CODE, INTERRUPT_EXIT_CODE):  # Ctrl-C or a preemption signal
+        raise Preempted(
+            f"point {point.name} stopped ({_error_of(list(tail), child.returncode)}); run the "
+            "same command again to go on from its checkpoint",
+            child.returncode,
+        )
     return _error_of(list(tail), child.returncode)
 
 

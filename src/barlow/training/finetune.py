@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from barlow import __version__, data, distributed, evaluate
+from barlow import __version__, cpu_share, data, distributed, evaluate
 from barlow.assessment import EvalData, load_pretrained
 from barlow.augment import LinearEvalAugment, eval_sample_transform
 from barlow.compute import Precision, uses_channels_last
@@ -172,28 +172,29 @@ def finetune(
     ``out/scratch/``."""
     method, pretrained_cfg, _ = load_pretrained(checkpoint)
     cfg = finetune_config(pretrained_cfg, recipe, overrides)
-    device, main = init_device(cfg), distributed.is_main_process()
-    eval_data = EvalData.from_config(pretrained_cfg, dataset=dataset, root=root)
-    target = dataset or pretrained_cfg.data.dataset
-    subset = labelled_subset(cfg.finetune.labels, eval_data.train, target)
-    cfg = subset_batch(cfg, subset, distributed.world_size())
-    if main:
-        console(
-            f"fine-tuning {checkpoint} on {target}: {len(subset.indices)} labelled images "
-            f"({subset.source}), {cfg.train.epochs} epochs at batch {cfg.train.batch_size}"
-        )
-    job = FinetuneJob(cfg, eval_data, subset, device, argv, progress, resume)
-    results: dict[str, Any] = {"labels": subset.source, "labelled_images": len(subset.indices)}
-    if cfg.finetune.baselines:
-        results["linear probe (frozen)"] = job.probe(method.backbone)
-    results["fine-tuned"] = job.train(method.backbone, RunDir(Path(out)))
-    if cfg.finetune.baselines:
-        torch.manual_seed(pretrained_cfg.train.seed)
-        scratch = build_method(pretrained_cfg).backbone
-        results["from scratch"] = job.train(scratch, RunDir(Path(out) / "scratch"))
-    if main:
-        evaluate.write_metrics(Path(out) / "metrics.json", {"finetune": results})
-        console(finetune_table(results, target))
+    with cpu_share.shared_cpu(cfg.train.threads):
+        device, main = init_device(cfg), distributed.is_main_process()
+        eval_data = EvalData.from_config(pretrained_cfg, dataset=dataset, root=root)
+        target = dataset or pretrained_cfg.data.dataset
+        subset = labelled_subset(cfg.finetune.labels, eval_data.train, target)
+        cfg = subset_batch(cfg, subset, distributed.world_size())
+        if main:
+            console(
+                f"fine-tuning {checkpoint} on {target}: {len(subset.indices)} labelled images "
+                f"({subset.source}), {cfg.train.epochs} epochs at batch {cfg.train.batch_size}"
+            )
+        job = FinetuneJob(cfg, eval_data, subset, device, argv, progress, resume)
+        results: dict[str, Any] = {"labels": subset.source, "labelled_images": len(subset.indices)}
+        if cfg.finetune.baselines:
+            results["linear probe (frozen)"] = job.probe(method.backbone)
+        results["fine-tuned"] = job.train(method.backbone, RunDir(Path(out)))
+        if cfg.finetune.baselines:
+            torch.manual_seed(pretrained_cfg.train.seed)
+            scratch = build_method(pretrained_cfg).backbone
+            results["from scratch"] = job.train(scratch, RunDir(Path(out) / "scratch"))
+        if main:
+            evaluate.write_metrics(Path(out) / "metrics.json", {"finetune": results})
+            console(finetune_table(results, target))
     distributed.barrier()
     return results
 

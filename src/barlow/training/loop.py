@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from barlow import checkpoint, distributed
+from barlow import checkpoint, cpu_share, distributed
 from barlow.logbook import Logbook, Progress, console
 from barlow.losses import finite_checks_by_caller
 from barlow.methods.base import StepOutput
@@ -108,6 +108,7 @@ class TrainingLoop:
     def step(self, inputs: Any, epoch: int, batch: int, labels: Tensor | None = None) -> bool:
         """One training step on a loader batch; True when a preemption signal asks to stop."""
         run, guard = self.run, self.guard
+        cpu_share.tick()
         self.lr = run.schedule.apply(run.optimizer, self.state.global_step)
         self.last_inputs = run.prepare(inputs, epoch, batch)
         # a skipped step must not leave what its forward did to BatchNorm statistics or queues
@@ -197,6 +198,7 @@ class TrainingLoop:
             "epoch_time_s": epoch_time,
             "images_per_s": self.steps_done * self.train.batch_size / epoch_time,
             "peak_memory_mib": peak_memory_mib(self.run.device),
+            "threads": torch.get_num_threads(),  # intra-op threads at the end (cpu_share)
         }
         is_last = self.finished()
         if self.probe is not None:  # identical on every rank: trained on the global batch

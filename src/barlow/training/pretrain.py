@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import torch
 
-from barlow import __version__, checkpoint, distributed, insight
+from barlow import __version__, checkpoint, cpu_share, distributed, insight
 from barlow.assessment import EvalData, final_evaluation, online_knn
 from barlow.compute import flush_denormals
 from barlow.config import Config
@@ -51,7 +51,8 @@ def pretrain(
     main = distributed.is_main_process()
     if main and resume:
         resuming.check_resume_target(run_dir)  # before the lock creates the directory
-    with run_lock(run_dir) if main else contextlib.nullcontext():
+    lock = run_lock(run_dir) if main else contextlib.nullcontext()
+    with lock, cpu_share.shared_cpu(cfg.train.threads):
         return run_pretraining(cfg, run_dir, device, resume, overwrite, argv, progress)
 
 
@@ -179,8 +180,7 @@ def online_probe(run: Run, point: resuming.ResumePoint | None) -> OnlineLinearPr
     """The online linear classifier (``eval.online_linear``, labelled data), its state taken
     from the checkpoint a run resumes from."""
     method = cast(Method, run.module)
-    dataset = getattr(run.loader.dataset, "dataset", None)  # under the views wrapper
-    probe = build_online_probe(run.cfg, method.backbone, dataset, run.device)
+    probe = build_online_probe(run.cfg, method.backbone, run.images, run.device)
     if probe is not None and point is not None and not point.weights_only:
         saved = point.state.get("online_probe")
         if saved is not None:  # absent: a checkpoint from before it, or from a run without it

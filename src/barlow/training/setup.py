@@ -181,6 +181,11 @@ class Run:
         """Batches in a whole epoch (``len(loader)`` counts only those left after a resume)."""
         return self.order.batches
 
+    @property
+    def images(self) -> Any:
+        """The training images under the loader's view wrapper (``ViewDataset``, ``RawImages``)."""
+        return getattr(self.loader.dataset, "dataset", self.loader.dataset)
+
 
 @dataclass(frozen=True)
 class PretrainingData:
@@ -205,6 +210,8 @@ def pretraining_data(
         dataset = data.build_dataset(
             cfg.data.dataset, split="unlabeled", root=cfg.data.root, download=cfg.data.download
         )
+        if cfg.data.holdout:
+            dataset = data.without_holdout(dataset, cfg.data.dataset, cfg.data.holdout)
         if cfg.data.train_subset is not None:
             dataset = data.sampled_images(dataset, cfg.data.train_subset)
     device_views = None
