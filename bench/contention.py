@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from machine import command_line, cpu_name, emit_report, have_lightly
+from machine import command_line, cpu_name, emit_report, have_lightly, simd_flags
 
 SUBSET = 2560
 BARLOW_SETS = [
@@ -116,7 +116,9 @@ def plain_job(out: Path) -> None:
             records.flush()
 
 
-def report(rows: dict[str, dict[str, float]], args: argparse.Namespace, started: str) -> str:
+def report(
+    rows: dict[str, dict[str, float]], args: argparse.Namespace, started: str, load: float
+) -> str:
     quiet_before = rows["barlow, threads 2 (before)"]["quiet"]
     quiet_after = rows["barlow, threads auto (after)"]["quiet"]
     lines = [
@@ -125,8 +127,9 @@ def report(rows: dict[str, dict[str, float]], args: argparse.Namespace, started:
         f"Command: `{command_line()}`",
         "",
         f"- date: {started} – {datetime.datetime.now(datetime.UTC):%H:%M} UTC; "
-        f"{os.cpu_count()} CPU cores ({cpu_name()}), torch {torch.__version__}; "
-        f"{args.seconds:.0f} s a scenario, the first epoch of each job left out",
+        f"{os.cpu_count()} CPU cores ({cpu_name()}; {simd_flags()}), torch {torch.__version__}; "
+        f"{args.seconds:.0f} s a scenario, the first epoch of each job left out; load average "
+        f"(1 min) {load:.2f} before the run",
         f"- job: the `fashion-mnist` recipe on {SUBSET} training images, batch 256, no "
         "evaluation; images/s over the epochs after the first",
         "",
@@ -143,7 +146,8 @@ def report(rows: dict[str, dict[str, float]], args: argparse.Namespace, started:
     lines += [
         "",
         f"- cost of auto threads on a quiet machine: {quiet_after:.0f} vs {quiet_before:.0f} "
-        f"img/s (**{100 * (quiet_after / quiet_before - 1):+.1f} %**)",
+        f"img/s (**{100 * (quiet_after / quiet_before - 1):+.1f} %**), each the mean of "
+        f"{rows['barlow, threads 2 (before)']['quiet_runs']:.0f} runs alone in A B B A order",
         '- "two at once, each": the mean of the two jobs\' throughputs (their lowest: '
         + ", ".join(f"{n} {row['pair_min']:.0f}" for n, row in rows.items())
         + ")",
@@ -151,9 +155,26 @@ def report(rows: dict[str, dict[str, float]], args: argparse.Namespace, started:
     return "\n".join(lines) + "\n"
 
 
+def measure_alone(rows: dict[str, dict[str, float]], args: argparse.Namespace, work: Path) -> None:
+    """Each loop alone; the two barlow loops ``--rounds`` times in A B B A order, so that a drift
+    of the machine's speed over the run weighs on both alike (their mean is the row)."""
+    before, after, plain = LOOPS
+    order = [before, after, after, before] * args.rounds
+    runs: dict[str, list[float]] = {before: [], after: []}
+    for name in order:
+        (speed,) = run_scenario([LOOPS[name]], False, args.seconds, work)
+        runs[name].append(speed)
+        print(f"[contention] {name} alone: {speed:.0f} images/s", flush=True)
+    for name, speeds in runs.items():
+        rows[name]["quiet"], rows[name]["quiet_runs"] = sum(speeds) / len(speeds), len(speeds)
+    (rows[plain]["quiet"],) = run_scenario([LOOPS[plain]], False, args.seconds, work)
+    rows[plain]["quiet_runs"] = 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=90.0, help="length of each scenario")
+    parser.add_argument("--rounds", type=int, default=1, help="A B B A rounds of barlow alone")
     parser.add_argument("--out", type=Path, help="markdown report (default: print only)")
     parser.add_argument("--job-plain", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -163,17 +184,18 @@ def main() -> None:
     if not have_lightly():
         parser.error("the plain loop needs lightly: pip install -r bench/requirements.txt")
     started = f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M}"
+    load = os.getloadavg()[0]
     rows: dict[str, dict[str, float]] = {name: {} for name in LOOPS}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        measure_alone(rows, args, work)
         for name, loop in LOOPS.items():
-            print(f"[contention] {name}: alone, two at once, beside a busy process", flush=True)
-            (rows[name]["quiet"],) = run_scenario([loop], False, args.seconds, work)
+            print(f"[contention] {name}: two at once, beside a busy process", flush=True)
             pair = run_scenario([loop, loop], False, args.seconds, work)
             rows[name]["pair"], rows[name]["pair_min"] = sum(pair) / 2, min(pair)
             (rows[name]["busy"],) = run_scenario([loop], True, args.seconds, work)
             print(f"[contention] {name}: {rows[name]}", flush=True)
-    emit_report(report(rows, args, started), args.out)
+    emit_report(report(rows, args, started, load), args.out)
 
 
 if __name__ == "__main__":

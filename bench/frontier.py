@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from machine import command_line, cpu_name, have_lightly
+from machine import command_line, cpu_name, have_lightly, simd_flags
 
 PLAIN = "plain"
 
@@ -170,7 +170,7 @@ def table(points: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         f"Command: `{command_line()}`",
         "",
         f"- {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPU cores "
-        f"({cpu_name()}), torch {torch.__version__}; scored on {split}",
+        f"({cpu_name()}; {simd_flags()}), torch {torch.__version__}; scored on {split}",
         "- minutes: from the command's start to its printed result; load: 1-min load average "
         "after the point (about 1 is this job alone on 2 cores)",
         "",

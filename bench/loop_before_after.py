@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from machine import command_line, cpu_name, emit_report
+from machine import command_line, cpu_name, emit_report, simd_flags
 
 
 def run_once(checkout: Path, recipe: str, steps: int, log_every: int) -> tuple[float, list]:
@@ -49,17 +49,6 @@ def run_once(checkout: Path, recipe: str, steps: int, log_every: int) -> tuple[f
     first, last = train[0], train[-1]
     rate = (last["step"] - first["step"]) * batch / (elapsed(last) - elapsed(first))
     return rate, [(r["step"], r["loss"]) for r in train]
-
-
-def simd_flags() -> str:
-    """The CPU's vector extensions that decide the default precision (bf16 where native)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "flags unknown"
-    flags = set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return " ".join(f for f in wanted if f in flags) or "no AVX2"
 
 
 def main() -> None:

@@ -21,6 +21,17 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def simd_flags() -> str:
+    """The CPU's vector extensions that decide the default precision (bf16 where native)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "flags unknown"
+    flags = set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    return " ".join(f for f in wanted if f in flags) or "no AVX2"
+
+
 def command_line() -> str:
     """The command that ran this script, as a reader repeats it (with its ``PYTHONPATH``)."""
     pythonpath = f"PYTHONPATH={os.environ['PYTHONPATH']} " if "PYTHONPATH" in os.environ else ""
