@@ -108,6 +108,38 @@ def test_build_specs_fills_crop_and_normalisation_only() -> None:
         assert changed_fields(built, base) == {"crop_size", "mean", "std"}
 
 
+def test_view_changes_apply_to_every_view_and_nothing_else() -> None:
+    plain = build_specs("barlow-gray", crop_size=28, mean=(0.5,), std=(0.25,))
+    changed = build_specs(
+        "barlow-gray",
+        crop_size=28,
+        mean=(0.5,),
+        std=(0.25,),
+        changes={"solarize_p": 0.0, "crop_scale": [0.5, 1.0]},
+    )
+    for before, after in zip(plain, changed, strict=True):
+        assert after.solarize_p == 0.0 and after.crop_scale == (0.5, 1.0)
+        assert after == dataclasses.replace(before, solarize_p=0.0, crop_scale=(0.5, 1.0))
+    assert plain[1].solarize_p > 0  # the recipe's own asymmetry is what was switched off
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.view_changes={solarise_p=0.0}", r"unknown view setting\(s\) solarise_p.*solarize_p"),
+        ("data.view_changes={crop_size=16}", r"unknown view setting\(s\) crop_size"),
+        ("data.view_changes={flip_p=1.5}", r"flip_p must be a probability"),
+        ("data.view_changes={crop_scale=0.5}", r"crop_scale must be a pair \[min, max\]"),
+        ("data.view_changes=0.3", r"must be a table such as \{solarize_p = 0.0\}"),
+    ],
+)
+def test_bad_view_changes_are_refused_when_the_config_loads(override: str, message: str) -> None:
+    from barlow.config import load_config
+
+    with pytest.raises(ValueError, match=message):
+        load_config("fashion-mnist", [override])
+
+
 def test_build_specs_unknown_recipe_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="barlow-gray"):
         build_specs("simclr-typo", crop_size=32, mean=[0.5], std=[0.5])
@@ -365,3 +397,12 @@ def test_linear_eval_augment_shape_and_randomness() -> None:
     a, b = augment(images), augment(images)
     assert a.shape == (5, 3, 32, 32) and a.dtype == torch.float32
     assert not torch.equal(a, b)
+
+
+def test_a_pretraining_run_draws_its_views_with_the_changes() -> None:
+    from barlow.config import load_config
+    from barlow.training.setup import pretraining_data
+
+    cfg = load_config("digits", ["data.view_changes={flip_p=0.0, jitter_p=0.0}"])
+    specs = pretraining_data(cfg, torch.device("cpu")).specs
+    assert specs and all(s.flip_p == 0.0 and s.jitter_p == 0.0 for s in specs)

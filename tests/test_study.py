@@ -92,6 +92,33 @@ def test_recipe_axis_and_python_values() -> None:
     ]
 
 
+def test_a_table_value_stays_one_override() -> None:
+    """A study level may set a table-valued key (``data.view_changes``): one override with an
+    inline table, read back as the same table."""
+    from barlow.config import load_config
+    from barlow.study.catalogue import study_from_dict
+
+    raw = {
+        "cpu": {
+            "recipe": "digits",
+            "axis": [
+                {
+                    "name": "views",
+                    "levels": [
+                        {"label": "crop only", "set": {"data.view_changes": {"flip_p": 0.0}}},
+                        {"label": "nested", "set": {"data": {"view_changes": {"jitter_p": 0.0}}}},
+                    ],
+                }
+            ],
+        }
+    }
+    study = study_from_dict("t", raw, "cpu")
+    crop, nested = study.axes[0].levels
+    assert crop.overrides == ("data.view_changes={flip_p = 0.0}",)
+    assert nested.overrides == ("data.view_changes={jitter_p = 0.0}",)
+    assert load_config("digits", list(crop.overrides)).data.view_changes == {"flip_p": 0.0}
+
+
 @pytest.mark.parametrize(
     ("grid", "overrides", "message"),
     [

@@ -8,8 +8,9 @@ with ``dataclasses.replace`` so each distribution parameter has one home.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -143,16 +144,51 @@ def recipe_for(family: str, *, channels: int, image_size: int) -> str:
     return family
 
 
+# What ``data.view_changes`` may set: the operations' parameters, not the image geometry and
+# normalisation that the dataset decides.
+CHANGEABLE = tuple(
+    f.name for f in dataclasses.fields(ViewSpec) if f.name not in ("crop_size", "mean", "std")
+)
+
+
+def check_view_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
+    """``data.view_changes`` with lists made tuples; an unknown name is refused, naming the
+    valid ones."""
+    unknown = sorted(set(changes) - set(CHANGEABLE))
+    if unknown:
+        raise ValueError(
+            f"data.view_changes: unknown view setting(s) {', '.join(unknown)}; choose from "
+            f"{', '.join(CHANGEABLE)}"
+        )
+    pairs = {f.name for f in dataclasses.fields(ViewSpec) if isinstance(f.default, tuple)}
+    for key in sorted(pairs & set(changes)):
+        value = changes[key]
+        if not (isinstance(value, list | tuple) and len(value) == 2):
+            raise ValueError(f"data.view_changes: {key} must be a pair [min, max], got {value!r}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+
+
 def build_specs(
-    recipe: str, *, crop_size: int, mean: Sequence[float], std: Sequence[float]
+    recipe: str,
+    *,
+    crop_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    changes: Mapping[str, Any] | None = None,
 ) -> tuple[ViewSpec, ...]:
-    """The recipe's ViewSpecs with the dataset's crop size and normalisation filled in."""
+    """The recipe's ViewSpecs with the dataset's crop size and normalisation filled in, and
+    ``changes`` (``data.view_changes``, e.g. ``{solarize_p = 0.0}``) applied to every view: one
+    operation switched off or tuned without writing a new recipe."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown view recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
-    return tuple(
-        dataclasses.replace(s, crop_size=crop_size, mean=tuple(mean), std=tuple(std))
-        for s in RECIPES[recipe]
-    )
+    changed = check_view_changes(changes or {})
+    try:
+        return tuple(
+            dataclasses.replace(s, crop_size=crop_size, mean=tuple(mean), std=tuple(std), **changed)
+            for s in RECIPES[recipe]
+        )
+    except ValueError as exc:
+        raise ValueError(f"data.view_changes: {exc}") from exc
 
 
 def per_sample_transform(spec: ViewSpec) -> v2.Compose:

@@ -35,6 +35,9 @@ class DataConfig:
     root: str | None = None  # where the dataset's files are (None: its default places)
     download: bool = False  # torchvision datasets are downloaded only when this is true
     views: str | None = None  # view recipe in augment.RECIPES; None: the method's, fit to the data
+    # ViewSpec settings changed in every view of the recipe, e.g. {solarize_p = 0.0} (the
+    # augmentation ablations): `--set 'data.view_changes={flip_p=0.0, jitter_p=0.0}'`
+    view_changes: dict[str, Any] = field(default_factory=dict)
     crop_size: int | None = None  # None: the dataset's image size
     num_workers: int = 0  # DataLoader workers; 0 augments in the training process
     # Where the views are drawn: "workers" per sample with torchvision in the DataLoader, or
@@ -248,6 +251,22 @@ def _check_ranges(cfg: Config) -> None:
     for ok, message in rules:
         if not ok:
             raise ValueError(message)
+    _check_view_changes(cfg.data.view_changes)
+
+
+def _check_view_changes(changes: Any) -> None:
+    """``data.view_changes``: a table of known ViewSpec settings with valid values."""
+    from barlow.augment import ViewSpec, check_view_changes
+
+    if not isinstance(changes, Mapping):
+        raise ValueError(
+            f"data.view_changes must be a table such as {{solarize_p = 0.0}}, got {changes!r}"
+        )
+    checked = check_view_changes(changes)
+    try:
+        dataclasses.replace(ViewSpec(), **checked)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"data.view_changes: {exc}") from exc
 
 
 def _optim_and_train_rules(cfg: Config) -> list[tuple[bool, str]]:

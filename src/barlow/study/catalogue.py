@@ -205,13 +205,15 @@ def _axis(raw: Mapping[str, Any], where: str) -> Axis:
 
 def _dotted(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{method = {lambd = 0.01}}`` (TOML's reading of ``method.lambd = 0.01``) as
-    ``{"method.lambd": 0.01}``."""
+    ``{"method.lambd": 0.01}``; a table below ``section.key`` is that key's value (e.g.
+    ``data.view_changes = {solarize_p = 0.0}``)."""
     flat: dict[str, Any] = {}
     for key, value in table.items():
-        if isinstance(value, Mapping):
-            flat.update(_dotted(value, f"{prefix}{key}."))
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and "." not in name:
+            flat.update(_dotted(value, f"{name}."))
         else:
-            flat[f"{prefix}{key}"] = value
+            flat[name] = value
     return flat
 
 

@@ -14,7 +14,7 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +87,9 @@ def toml_value(value: Any) -> str:
         return json.dumps(value)  # a TOML basic string
     if isinstance(value, list | tuple):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise ValueError(f"grid value {value!r} is not a TOML number, string, boolean or list")
+    if isinstance(value, Mapping):  # an inline table, e.g. data.view_changes
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise ValueError(f"grid value {value!r} is not a TOML number, string, boolean, list or table")
 
 
 def _display(item: str) -> str:

@@ -205,7 +205,9 @@ def pretraining_data(
     info, crop = data.dataset_info(cfg.data.dataset), crop_size(cfg)
     family = method_class(cfg.method.name).views
     recipe = cfg.data.views or recipe_for(family, channels=info.channels, image_size=crop)
-    specs = build_specs(recipe, crop_size=crop, mean=info.mean, std=info.std)
+    specs = build_specs(
+        recipe, crop_size=crop, mean=info.mean, std=info.std, changes=cfg.data.view_changes
+    )
     if dataset is None:
         dataset = data.build_dataset(
             cfg.data.dataset, split="unlabeled", root=cfg.data.root, download=cfg.data.download
