@@ -244,6 +244,24 @@ def test_finished_point_is_skipped_without_retraining(
     assert [r["status"] for r in _records(out)] == ["ok", "failed"]  # both records kept
 
 
+def test_a_run_made_before_a_setting_existed_still_counts_as_finished(
+    sweep: tuple[Path, list[str], int, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A setting added since a point ran (its config.json lacks the key) takes its default:
+    the point is skipped, not refused as "another config"."""
+    out, args, _, _ = sweep
+    run = out / "method.lambd=0.005,seed=0"
+    record = json.loads((run / "config.json").read_text())
+    del record["config"]["data"]["view_changes"], record["config"]["train"]["threads"]
+    (run / "config.json").write_text(json.dumps(record))
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "finished before, skipped" in err and "another config" not in err
+
+
 def test_point_option_runs_that_point_alone(
     sweep: tuple[Path, list[str], int, str], capsys: pytest.CaptureFixture[str]
 ) -> None:

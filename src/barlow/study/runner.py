@@ -173,13 +173,23 @@ def run_study(
     return outcome
 
 
+def saved_config(run: RunDir) -> dict[str, Any]:
+    """The config a run saved, read as this version reads it: a setting added since the run was
+    made takes its default (the run did not know it, and its default keeps the old behaviour), so
+    a finished point still counts as finished. ``ValueError`` / ``OSError`` when unreadable."""
+    saved = json.loads(run.config.read_text(encoding="utf-8"))["config"]
+    with contextlib.suppress(ValueError, TypeError, KeyError):
+        return dict(json.loads(json.dumps(from_dict(saved).to_dict())))
+    return dict(saved)  # a value this version refuses: compared as written
+
+
 def finished(run_dir: Path, config: Mapping[str, Any] | str) -> bool:
     """Whether the point's run is complete: ``metrics.json`` there, and its config the point's."""
     run = RunDir(run_dir)
     if isinstance(config, str) or not run.metrics.is_file() or not run.config.is_file():
         return False
-    with contextlib.suppress(OSError, ValueError):
-        return bool(json.loads(run.config.read_text(encoding="utf-8"))["config"] == config)
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        return saved_config(run) == config
     return False
 
 
@@ -192,7 +202,7 @@ def _refusal(run_dir: Path, config: Mapping[str, Any] | str) -> str | None:
     if not (run.metrics.is_file() and run.config.is_file()):
         return None
     try:
-        saved = json.loads(run.config.read_text(encoding="utf-8"))["config"]
+        saved = saved_config(run)
     except (OSError, ValueError, KeyError, TypeError):
         return f"{run.config} cannot be read; delete {run_dir} to train the point again"
     keys = [
