@@ -151,9 +151,13 @@ CHANGEABLE = tuple(
 )
 
 
-def check_view_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
-    """``data.view_changes`` with lists made tuples; an unknown name is refused, naming the
-    valid ones."""
+def check_view_changes(changes: Any) -> dict[str, Any]:
+    """``data.view_changes`` checked (a table of known settings with values a ViewSpec accepts)
+    and with lists made tuples; each refusal names the key and what is valid."""
+    if not isinstance(changes, Mapping):
+        raise ValueError(
+            f"data.view_changes must be a table such as {{solarize_p = 0.0}}, got {changes!r}"
+        )
     unknown = sorted(set(changes) - set(CHANGEABLE))
     if unknown:
         raise ValueError(
@@ -165,7 +169,14 @@ def check_view_changes(changes: Mapping[str, Any]) -> dict[str, Any]:
         value = changes[key]
         if not (isinstance(value, list | tuple) and len(value) == 2):
             raise ValueError(f"data.view_changes: {key} must be a pair [min, max], got {value!r}")
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()}
+    checked: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in changes.items()
+    }
+    try:
+        dataclasses.replace(ViewSpec(), **checked)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"data.view_changes: {exc}") from exc
+    return checked
 
 
 def build_specs(
@@ -182,13 +193,10 @@ def build_specs(
     if recipe not in RECIPES:
         raise ValueError(f"unknown view recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     changed = check_view_changes(changes or {})
-    try:
-        return tuple(
-            dataclasses.replace(s, crop_size=crop_size, mean=tuple(mean), std=tuple(std), **changed)
-            for s in RECIPES[recipe]
-        )
-    except ValueError as exc:
-        raise ValueError(f"data.view_changes: {exc}") from exc
+    return tuple(
+        dataclasses.replace(s, crop_size=crop_size, mean=tuple(mean), std=tuple(std), **changed)
+        for s in RECIPES[recipe]
+    )
 
 
 def per_sample_transform(spec: ViewSpec) -> v2.Compose:
