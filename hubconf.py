@@ -36,8 +36,8 @@ def resnet50(weights: str | Path | None = None) -> Any:
 
 
 def small_cnn(weights: str | Path | None = None) -> Any:
-    """barlow's 4-block CNN for 16–32 px images (256 features); 1 channel unless the weights say
-    otherwise."""
+    """barlow's 4-block CNN for 16–32 px images (256 features at its default width 32); 1 channel
+    and width 32 unless the weights say otherwise."""
     try:
         from barlow.backbones import SmallCNN
     except ImportError:  # a clone of the repository that is not installed
@@ -46,7 +46,8 @@ def small_cnn(weights: str | Path | None = None) -> Any:
     if weights is None:
         return SmallCNN()
     state = _read(weights, "small_cnn")
-    model = SmallCNN(in_channels=int(state["features.0.weight"].shape[1]))
+    width, in_channels = state["features.0.weight"].shape[:2]
+    model = SmallCNN(in_channels=int(in_channels), width=int(width))
     _load(model, state, weights, "small_cnn")
     return model
 

@@ -86,6 +86,17 @@ def test_unknown_name_lists_the_valid_ones() -> None:
     assert "timm:" in str(info.value)
 
 
+def test_small_cnn_width_sets_its_channels_and_other_backbones_refuse_it() -> None:
+    wide = create_backbone("small_cnn", in_channels=1, width=48)
+    assert wide.num_features == 384
+    assert wide(torch.zeros(2, 1, 28, 28)).shape == (2, 384)
+    assert create_backbone("small_cnn", in_channels=1).num_features == 256
+    with pytest.raises(ValueError, match="only small_cnn takes a width"):
+        create_backbone("resnet18", width=48)
+    with pytest.raises(ValueError, match="only small_cnn takes a width"):
+        create_backbone("small_cnn", width=0)
+
+
 def test_bad_in_channels_is_rejected() -> None:
     with pytest.raises(ValueError, match="in_channels"):
         create_backbone("small_cnn", in_channels=0)

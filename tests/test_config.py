@@ -136,6 +136,8 @@ def test_malformed_override_shows_the_form(override: str) -> None:
         ("data.crop_size=2", "data.crop_size"),
         ("data.views=barlow-grey", "data.views"),
         ("model.backbone=resnet19", "model.backbone"),
+        ("model.width=0", "model.width"),
+        ("model.width=16.5", "model.width"),
         ("method.lambd=abc", "method.lambd"),
         ("method.projector=8192-abc", "method.projector"),
         ("method.loss_path=fast", "method.loss_path"),
@@ -145,6 +147,12 @@ def test_malformed_override_shows_the_form(override: str) -> None:
 def test_bad_values_name_the_key(override: str, key: str) -> None:
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         load_config("digits", [override])
+
+
+def test_model_width_is_for_small_cnn_only() -> None:
+    assert load_config("digits", ["model.width=16"]).model.width == 16
+    with pytest.raises(ValueError, match=r"model\.width=16: only small_cnn takes a width"):
+        load_config("digits", ["model.backbone=resnet18", "model.width=16"])
 
 
 def test_unknown_method_suggests_the_closest() -> None:

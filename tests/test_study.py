@@ -166,6 +166,16 @@ def test_every_shipped_study_builds_a_valid_config_for_every_point(name: str, sc
         assert all(k in labels for k in match), entry
 
 
+def test_the_speedrun_lever_study_is_valid_and_chooses_on_held_out_images() -> None:
+    """bench/levers.toml (issue 14's lever table): every lever a valid config, each point scored
+    on held-out training images, never on the test split."""
+    study = load_study(str(Path(__file__).parents[1] / "bench" / "levers.toml"), "cpu")
+    configs = check_points(study.points())
+    assert not {n: c for n, c in configs.items() if isinstance(c, str)}
+    assert len(configs) >= 10
+    assert all(c["data"]["holdout"] == 10000 for c in configs.values() if not isinstance(c, str))
+
+
 def test_studies_ship_in_the_wheel() -> None:
     pyproject = tomllib.loads(Path(__file__).parents[1].joinpath("pyproject.toml").read_text())
     assert "studies/*.toml" in pyproject["tool"]["setuptools"]["package-data"]["barlow"]

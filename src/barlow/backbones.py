@@ -36,10 +36,13 @@ class ResNetTrunk(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """A 4-block conv net for 16–32 px images on a CPU (≈0.39 M parameters, 256 features).
+    """A 4-block conv net for 16–32 px images on a CPU (at width 32: ≈0.39 M parameters, 256
+    features).
 
-    Each block is Conv3×3-BN-ReLU; blocks 2, 3 and 4 halve the resolution (28 → 28, 14, 7, 4 px);
-    global average pooling. About 12 M multiply-adds per 28-px image, most of them in blocks 2–4.
+    Each block is Conv3×3-BN-ReLU with w, 2w, 4w, 8w channels; blocks 2, 3 and 4 halve the
+    resolution (28 → 28, 14, 7, 4 px); global average pooling. At w = 32 about 12 M
+    multiply-adds per 28-px image, most of them in blocks 2–4; parameters and multiply-adds grow
+    as w².
     """
 
     def __init__(self, *, in_channels: int = 1, width: int = 32) -> None:
@@ -161,20 +164,29 @@ class TimmTrunk(nn.Module):
 
 
 def create_backbone(
-    name: str, *, in_channels: int = 3, small_images: bool = False, image_size: int | None = None
+    name: str,
+    *,
+    in_channels: int = 3,
+    small_images: bool = False,
+    image_size: int | None = None,
+    width: int | None = None,
 ) -> nn.Module:
     """Build an encoder by name: ``resnet18|34|50``, ``small_cnn`` or ``timm:<model>``.
 
     The returned module maps (B, C, H, W) images to (B, num_features) features and exposes
     ``.num_features``. ``small_images`` is for the torchvision ResNets; ``image_size`` (the crop
-    side) for timm models, which keep their own stem (see :class:`TimmTrunk`).
+    side) for timm models, which keep their own stem (see :class:`TimmTrunk`); ``width`` for
+    ``small_cnn`` only (its first block's channels; None: 32).
     """
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1 (1 grayscale, 3 RGB), got {in_channels}")
+    if width is not None and (name != "small_cnn" or width < 1):
+        raise ValueError(f"width={width}: only small_cnn takes a width (>= 1), not {name!r}")
     if name in _RESNETS:
         return ResNetTrunk(name, in_channels=in_channels, small_images=small_images)
     if name == "small_cnn":
-        return SmallCNN(in_channels=in_channels)
+        sized = {} if width is None else {"width": width}  # None keeps SmallCNN's own default
+        return SmallCNN(in_channels=in_channels, **sized)
     if name.startswith(TIMM_PREFIX):
         model = timm_model_name(name)
         return TimmTrunk(model, in_channels=in_channels, image_size=image_size)

@@ -60,6 +60,9 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "small_cnn"  # resnet18|resnet34|resnet50|small_cnn|timm:<name>
     small_images: bool | None = None  # 3×3 stem without max-pool; None: images ≤ 64 px
+    # small_cnn's first-block channels (each later block doubles them; features = 8 × width);
+    # None: its default 32. The other backbones fix their own widths and reject it
+    width: int | None = None
 
 
 @dataclass(frozen=True)
@@ -374,6 +377,12 @@ def _check_names(cfg: Config) -> None:
         raise ValueError(
             f"model.backbone: unknown backbone {backbone!r}{_closest(backbone, BACKBONES)} "
             f"(valid: {', '.join(BACKBONES)}, or timm:<name>)"
+        )
+    width = cfg.model.width
+    if width is not None and (backbone != "small_cnn" or width < 1):
+        raise ValueError(
+            f"model.width={width}: only small_cnn takes a width, and it must be >= 1 "
+            f"(backbone {backbone!r}; leave model.width unset for the backbone's own widths)"
         )
     views = cfg.data.views
     if views is not None and views not in RECIPES:

@@ -20,6 +20,10 @@ def build_method(cfg: Config) -> Method:
     info, crop = data.dataset_info(cfg.data.dataset), crop_size(cfg)
     small = cfg.model.small_images if cfg.model.small_images is not None else crop <= 64
     backbone = create_backbone(
-        cfg.model.backbone, in_channels=info.channels, small_images=small, image_size=crop
+        cfg.model.backbone,
+        in_channels=info.channels,
+        small_images=small,
+        image_size=crop,
+        width=cfg.model.width,
     )
     return create_method(cfg.method.name, cfg.method.params, backbone)

@@ -274,6 +274,7 @@ def _metadata(encoder: Encoder) -> dict[str, str]:
         "backbone": encoder.name,
         "keys": "torchvision" if isinstance(backbone, ResNetTrunk) else "barlow",
         "small_images": json.dumps(small),
+        "width": json.dumps(encoder.cfg.model.width),
         "in_channels": str(encoder.channels),
         "image_size": str(encoder.size),
         "mean": json.dumps(list(encoder.mean)),
@@ -506,6 +507,12 @@ def _command_line(argv: list[str]) -> str:
     return " ".join([program, *map(shlex.quote, argv[1:])])
 
 
+def _width_argument(encoder: Encoder) -> str:
+    """``, width=W`` when the run set ``model.width`` (small_cnn), else nothing."""
+    width = encoder.cfg.model.width
+    return "" if width is None else f", width={width}"
+
+
 def _loader(encoder: Encoder, name: str, kind: str) -> list[str]:
     """Three lines of Python that load ``name`` and give features."""
     arch, c, s = encoder.name, encoder.channels, encoder.size
@@ -533,7 +540,7 @@ def _loader(encoder: Encoder, name: str, kind: str) -> list[str]:
         build = (
             f'create_backbone("{arch}", in_channels={c}, small_images={small}).net'
             if isinstance(encoder.backbone, ResNetTrunk)
-            else f'create_backbone("{arch}", in_channels={c})'
+            else f'create_backbone("{arch}", in_channels={c}{_width_argument(encoder)})'
         )
         return [
             "import safetensors.torch; from barlow.backbones import create_backbone",
