@@ -199,6 +199,40 @@ def build_specs(
     )
 
 
+@dataclass(frozen=True)
+class CropRamp:
+    """Progressive resolution (``data.start_crop_size``): epoch e (0-based) draws its views at
+
+        s_e = round(start + (full − start) · min(1, e / epochs))
+
+    pixels a side, so an early epoch costs about (s_e / full)² of a full one while the last
+    epochs, and every evaluation, see the full side. s_e depends on the epoch alone: a resumed
+    run draws the views it would have drawn.
+    """
+
+    start: int
+    full: int
+    epochs: int
+
+    def __post_init__(self) -> None:
+        if not 4 <= self.start < self.full:
+            raise ValueError(
+                f"data.start_crop_size={self.start} must be at least 4 px and below the full "
+                f"crop side {self.full} (data.crop_size, else the image size)"
+            )
+        if self.epochs < 1:
+            raise ValueError(f"the crop ramp needs at least 1 epoch, got {self.epochs}")
+
+    def size(self, epoch: int) -> int:
+        """The crop side of ``epoch``."""
+        return round(self.start + (self.full - self.start) * min(1.0, epoch / self.epochs))
+
+    def specs(self, specs: Sequence[ViewSpec], epoch: int) -> tuple[ViewSpec, ...]:
+        """``specs`` at the crop side of ``epoch``."""
+        size = self.size(epoch)
+        return tuple(dataclasses.replace(s, crop_size=size) for s in specs)
+
+
 def per_sample_transform(spec: ViewSpec) -> v2.Compose:
     """torchvision.transforms.v2 pipeline drawing one view of a uint8 (C, H, W) image."""
     ops: list[Callable[..., object]] = [

@@ -39,6 +39,11 @@ class DataConfig:
     # augmentation ablations): `--set 'data.view_changes={flip_p=0.0, jitter_p=0.0}'`
     view_changes: dict[str, Any] = field(default_factory=dict)
     crop_size: int | None = None  # None: the dataset's image size
+    # Progressive resolution: the crop side of the first epoch, growing linearly to the full side
+    # (crop_size, else the image size) by epoch crop_ramp_epochs (None: half of train.epochs);
+    # early epochs cost ~(start / full)² of a full one. None: the full side throughout
+    start_crop_size: int | None = None
+    crop_ramp_epochs: int | None = None
     num_workers: int = 0  # DataLoader workers; 0 augments in the training process
     # Where the views are drawn: "workers" per sample with torchvision in the DataLoader, or
     # "device": whole uint8 batches at once on the training device (batched_views; datasets held
@@ -320,6 +325,12 @@ def _optim_and_train_rules(cfg: Config) -> list[tuple[bool, str]]:
     ]
 
 
+def crop_ramp_epochs(cfg: Config) -> int:
+    """The epoch at which progressive resolution reaches the full side: data.crop_ramp_epochs,
+    else half of train.epochs (at least 1)."""
+    return cfg.data.crop_ramp_epochs or max(1, cfg.train.epochs // 2)
+
+
 def _data_eval_and_finetune_rules(cfg: Config) -> list[tuple[bool, str]]:
     return [
         (cfg.data.num_workers >= 0, f"data.num_workers must be >= 0, got {cfg.data.num_workers}"),
@@ -331,6 +342,22 @@ def _data_eval_and_finetune_rules(cfg: Config) -> list[tuple[bool, str]]:
         (
             cfg.data.crop_size is None or cfg.data.crop_size >= 4,
             f"data.crop_size must be >= 4, got {cfg.data.crop_size}",
+        ),
+        (
+            cfg.data.start_crop_size is None or cfg.data.start_crop_size >= 4,
+            f"data.start_crop_size must be >= 4 px, got {cfg.data.start_crop_size}",
+        ),
+        (
+            cfg.data.crop_ramp_epochs is None
+            or (cfg.data.start_crop_size is not None and cfg.data.crop_ramp_epochs >= 1),
+            f"data.crop_ramp_epochs={cfg.data.crop_ramp_epochs} needs data.start_crop_size set "
+            "and at least 1 epoch",
+        ),
+        (
+            cfg.data.start_crop_size is None or crop_ramp_epochs(cfg) < cfg.train.epochs,
+            f"data.start_crop_size: the crop ramp must reach the full side before the last epoch "
+            f"(data.crop_ramp_epochs={cfg.data.crop_ramp_epochs}, train.epochs="
+            f"{cfg.train.epochs}); set data.crop_ramp_epochs below train.epochs",
         ),
         (cfg.eval.knn_k >= 1, f"eval.knn_k must be >= 1, got {cfg.eval.knn_k}"),
         (

@@ -40,6 +40,7 @@ EPOCH_BOOKKEEPING = {
     "images_per_s",
     "peak_memory_mib",
     "threads",
+    "crop_size",
     "corrupt_skipped",
     "corrupt_skipped_total",
 }

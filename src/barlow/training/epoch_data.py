@@ -8,7 +8,7 @@ epoch, rank, world). That is what makes a resumed run bit-identical to an uninte
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from barlow import data, distributed
-from barlow.augment import MultiView, ViewSpec
+from barlow.augment import CropRamp, MultiView, ViewSpec
 from barlow.batched_views import BatchedMultiView
 
 
@@ -79,9 +79,11 @@ class ViewDataset(Dataset[tuple[tuple[Tensor, ...], int]]):
         seed: int,
         *,
         skip_corrupt: bool = False,
+        ramp: CropRamp | None = None,
     ) -> None:
         self.dataset, self.views, self.seed = dataset, views, seed
-        self.skip_corrupt = skip_corrupt
+        self.skip_corrupt, self.ramp = skip_corrupt, ramp
+        self.by_size: dict[int, MultiView] = {}
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -98,10 +100,29 @@ class ViewDataset(Dataset[tuple[tuple[Tensor, ...], int]]):
         generator = torch.default_generator
         saved = generator.get_state()
         generator.manual_seed(sample_seed(self.seed, epoch, index))
+        views = self.views
+        if self.ramp is not None:
+            views = _views_at(self.by_size, MultiView, self.views.specs, self.ramp, epoch)
         try:
-            return self.views(image), label
+            return views(image), label
         finally:
             generator.set_state(saved)
+
+
+def _views_at(
+    by_size: dict[int, Any],
+    make: Callable[[Sequence[ViewSpec]], Any],
+    specs: Sequence[ViewSpec],
+    ramp: CropRamp | None,
+    epoch: int,
+) -> Any:
+    """The views of ``epoch`` (``make(specs)`` at the ramp's side), built once per side."""
+    if ramp is not None:
+        specs = ramp.specs(specs, epoch)
+    size = specs[0].crop_size
+    if size not in by_size:
+        by_size[size] = make(specs)
+    return by_size[size]
 
 
 class RawImages(Dataset[tuple[Tensor, int]]):
@@ -127,15 +148,24 @@ class DeviceViews:
     """
 
     def __init__(
-        self, specs: Sequence[ViewSpec], *, seed: int, world: int, rank: int, device: torch.device
+        self,
+        specs: Sequence[ViewSpec],
+        *,
+        seed: int,
+        world: int,
+        rank: int,
+        device: torch.device,
+        ramp: CropRamp | None = None,
     ) -> None:
-        self.views = BatchedMultiView(specs)
+        self.specs, self.ramp = tuple(specs), ramp
+        self.by_size: dict[int, BatchedMultiView] = {}
         self.seed, self.world, self.rank, self.device = seed, world, rank, device
         self.generator = torch.Generator(device=device)
 
     def __call__(self, images: Tensor, *, epoch: int, batch: int) -> list[Tensor]:
         self.generator.manual_seed(sample_seed(self.seed, epoch, batch * self.world + self.rank))
-        return list(self.views(images.to(self.device, non_blocking=True), self.generator))
+        views = _views_at(self.by_size, BatchedMultiView, self.specs, self.ramp, epoch)
+        return list(views(images.to(self.device, non_blocking=True), self.generator))
 
 
 class EpochOrder(Sampler[tuple[int, int]]):

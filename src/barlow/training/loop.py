@@ -200,6 +200,8 @@ class TrainingLoop:
             "peak_memory_mib": peak_memory_mib(self.run.device),
             "threads": torch.get_num_threads(),  # intra-op threads at the end (cpu_share)
         }
+        if self.run.cfg.data.start_crop_size is not None:  # progressive resolution: the side
+            metrics["crop_size"] = int(self.last_inputs[0].shape[-1])
         is_last = self.finished()
         if self.probe is not None:  # identical on every rank: trained on the global batch
             metrics["online_linear_train_top1"] = self.probe.train_accuracy()

@@ -17,9 +17,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from barlow import __version__, data, distributed
-from barlow.augment import MultiView, ViewSpec, build_specs, recipe_for
+from barlow.augment import CropRamp, MultiView, ViewSpec, build_specs, recipe_for
 from barlow.compute import Precision, images_channels_last, to_channels_last, uses_channels_last
-from barlow.config import Config
+from barlow.config import Config, crop_ramp_epochs
 from barlow.encoder import build_method, crop_size
 from barlow.heads import mlp_num_parameters
 from barlow.logbook import console
@@ -195,6 +195,16 @@ class PretrainingData:
     recipe: str
     specs: tuple[ViewSpec, ...]
     device_views: DeviceViews | None
+    ramp: CropRamp | None = None
+
+
+def crop_ramp(cfg: Config, full: int) -> CropRamp | None:
+    """``data.start_crop_size`` as a :class:`CropRamp` to the ``full`` side (None: off); the
+    ramp ends at ``data.crop_ramp_epochs``, else half of ``train.epochs``."""
+    start = cfg.data.start_crop_size
+    if start is None:
+        return None
+    return CropRamp(start=start, full=full, epochs=crop_ramp_epochs(cfg))
 
 
 def pretraining_data(
@@ -208,6 +218,7 @@ def pretraining_data(
     specs = build_specs(
         recipe, crop_size=crop, mean=info.mean, std=info.std, changes=cfg.data.view_changes
     )
+    ramp = crop_ramp(cfg, crop)
     if dataset is None:
         dataset = data.build_dataset(
             cfg.data.dataset, split="unlabeled", root=cfg.data.root, download=cfg.data.download
@@ -230,8 +241,9 @@ def pretraining_data(
             world=distributed.world_size(),
             rank=distributed.rank(),
             device=device,
+            ramp=ramp,
         )
-    return PretrainingData(dataset, recipe, specs, device_views)
+    return PretrainingData(dataset, recipe, specs, device_views, ramp)
 
 
 def view_preparer(views: DeviceViews | None, device: torch.device, channels_last: bool) -> Prepare:
@@ -252,7 +264,13 @@ def pretraining_loader(
 ) -> tuple[DataLoader[Any], EpochOrder]:
     skip = cfg.data.skip_corrupt
     dataset = (
-        ViewDataset(source.dataset, MultiView(source.specs), seed=cfg.train.seed, skip_corrupt=skip)
+        ViewDataset(
+            source.dataset,
+            MultiView(source.specs),
+            seed=cfg.train.seed,
+            skip_corrupt=skip,
+            ramp=source.ramp,
+        )
         if source.device_views is None
         else RawImages(source.dataset, skip_corrupt=skip)
     )
@@ -392,9 +410,15 @@ def banner(
         params = mlp_num_parameters(method.backbone.num_features, projector)  # type: ignore[arg-type]
         extra = f", projector {projector}: {params / 1e6:.1f} M parameters"
     layout = ", channels_last" if channels_last else ""
+    ramp = source.ramp
+    side = (
+        f"{crop_size(cfg)} px"
+        if ramp is None
+        else f"{ramp.start}→{ramp.full} px over {ramp.epochs} epochs"
+    )
     return (
         f"barlow {__version__}: {cfg.method.name} on {cfg.data.dataset} "
-        f"({len(source.dataset)} images, views {source.recipe!r} at {crop_size(cfg)} px), "
+        f"({len(source.dataset)} images, views {source.recipe!r} at {side}), "
         f"{cfg.model.backbone}{extra}; {distributed.world_size()} process(es) on {device} "
         f"({precision.name}{layout}), {steps_per_epoch} steps/epoch"
     )
