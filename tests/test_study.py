@@ -296,3 +296,24 @@ def test_list_prints_the_points_for_an_array(capsys: pytest.CaptureFixture[str])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 8 and lines[0].split() == ["0", "method.lambd=0.0005,seed=0"]
     assert lines[1].split() == ["1", "method.lambd=0.0005,seed=1"]  # the baseline's second seed
+
+
+def test_a_log_axis_labels_only_the_grid_levels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The committed n-vs-d records, drawn again: widths 128/1024/4096 and no minor-tick labels
+    (matplotlib labels minor ticks of a log axis that spans under a decade or two)."""
+    import matplotlib.pyplot as plt
+
+    from barlow.study.results import draw
+
+    figures: list[Any] = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    committed = Path(__file__).parents[1] / "bench" / "results" / "studies" / "n-vs-d"
+    records = [json.loads(line) for line in (committed / "results.jsonl").read_text().splitlines()]
+    study = load_study("n-vs-d", "cpu")
+    draw(study, study.points(), records, tmp_path / "results.png")
+    axis = figures[0].axes[0].xaxis
+    assert axis.get_scale() == "log"
+    assert [t.get_text() for t in axis.get_majorticklabels()] == ["128", "1024", "4096"]
+    assert not [t.get_text() for t in axis.get_minorticklabels() if t.get_text()]

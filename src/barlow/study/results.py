@@ -231,6 +231,7 @@ def draw(
         ticks = {x: label for label, x in positions.items() if x is not None}
         if _log_scale(study, list(ticks)):
             ax.set_xscale("log")
+            ax.minorticks_off()  # only the grid's own levels get a label
         ax.set_xticks(list(ticks), list(ticks.values()))
     ax.set_xlabel(study.axes[axis].name)
     ax.set_ylabel("top-1 accuracy (%)")
