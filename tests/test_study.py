@@ -19,7 +19,7 @@ from barlow.health import embedding_health
 from barlow.study import load_study, parse_grid, parse_seeds, shipped_studies, sweep_study
 from barlow.study.grid import expand, key_axis, safe_name, split_values
 from barlow.study.results import COLLAPSE_KEYS
-from barlow.study.runner import check_points, selected_point
+from barlow.study.runner import check_points, claim_directory, selected_point
 from runs import TINY_POINT, sets
 
 TINY = sets(*TINY_POINT)
@@ -289,6 +289,43 @@ def test_another_grid_into_the_same_directory_is_refused(
     assert main(other) == 2
     err = capsys.readouterr().err
     assert "holds another study" in err and "grid" in err and "another --out" in err
+
+
+def _claim(out: Path, *grid: str) -> None:
+    claim_directory(sweep_study("digits", [parse_grid(g) for g in grid]), out)
+
+
+def test_a_grid_that_only_appends_levels_continues_the_study(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "study"
+    _claim(out, "method.lambd=0.005,0.01", "train.batch_size=64")
+    _claim(out, "method.lambd=0.005,0.01,0.02", "train.batch_size=64,128")
+    assert "gains 2 level(s)" in capsys.readouterr().err
+    saved = json.loads((out / "study.json").read_text())
+    assert [len(axis["levels"]) for axis in saved["grid"]] == [3, 2]
+    _claim(out, "method.lambd=0.005,0.01,0.02", "train.batch_size=64,128")  # now the same study
+    assert "gains" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "grid",
+    [
+        ("method.lambd=0.01,0.005", "train.batch_size=64"),  # levels reordered
+        ("method.lambd=0.005", "train.batch_size=64"),  # a level removed
+        ("method.lambd=0.005,0.01", "train.batch_size=64", "train.epochs=1,2"),  # an axis added
+        ("train.batch_size=64", "method.lambd=0.005,0.01"),  # axes swapped
+    ],
+)
+def test_any_other_grid_change_is_refused_and_study_json_kept(
+    tmp_path: Path, grid: tuple[str, ...]
+) -> None:
+    out = tmp_path / "study"
+    _claim(out, "method.lambd=0.005,0.01", "train.batch_size=64")
+    before = (out / "study.json").read_text()
+    with pytest.raises(ValueError, match="holds another study"):
+        _claim(out, *grid)
+    assert (out / "study.json").read_text() == before
 
 
 def test_list_prints_the_points_for_an_array(capsys: pytest.CaptureFixture[str]) -> None:

@@ -110,21 +110,43 @@ def study_lock(study_dir: Path) -> Iterator[None]:
 
 
 def claim_directory(study: Study, study_dir: Path) -> None:
-    """Write ``study.json``, or check that the one there describes this study."""
+    """Write ``study.json``, or check that the one there describes this study.
+
+    A grid that only gains levels at the end of its axes is accepted (and ``study.json``
+    updated): a point's directory is named by its settings, so the points run before keep
+    their meaning. Any other change is refused, since finished points would mean another study.
+    """
     make_run_directory(study_dir)
     manifest, path = study.manifest(), study_dir / MANIFEST
     with study_lock(study_dir):
-        if not path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        differ = [key for key in manifest if saved is None or saved.get(key) != manifest[key]]
+        added = _added_levels(saved["grid"], manifest["grid"]) if differ == ["grid"] else None
+        if saved is None or added:
             atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
-            return
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    differ = [key for key in manifest if saved.get(key) != manifest[key]]
-    if differ:
+    if added:
+        console(
+            f"{study_dir}: the grid gains {added} level(s) at the end of its axes; points run "
+            f"before keep their results ({path} updated)"
+        )
+    elif saved is not None and differ:
         raise ValueError(
             f"{study_dir} holds another study (its {', '.join(differ)} differ from this one's; "
             f"see {path}); choose another --out, or run the same grid, recipe, seeds and --set "
-            "to continue it"
+            "to continue it (adding levels at the end of an axis is allowed)"
         )
+
+
+def _added_levels(saved: list[dict[str, Any]], grid: list[dict[str, Any]]) -> int:
+    """How many levels ``grid`` appends to ``saved``'s axes; 0 unless that is its only change
+    (same axes in the same order, each old axis's levels a prefix of the new one's)."""
+    same_axes = [old["name"] for old in saved] == [new["name"] for new in grid]
+    if not same_axes:
+        return 0
+    pairs = list(zip(saved, grid, strict=True))
+    if any(new["levels"][: len(old["levels"])] != old["levels"] for old, new in pairs):
+        return 0
+    return sum(len(new["levels"]) - len(old["levels"]) for old, new in pairs)
 
 
 def run_study(
