@@ -30,6 +30,23 @@ def test_every_shipped_recipe_loads_and_round_trips(recipe: str) -> None:
     assert from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # as saved beside a run
 
 
+def test_the_fast_recipe_is_the_cpu_recipe_with_only_the_screened_levers() -> None:
+    """fashion-mnist-fast's comments cite one lever-table row per change: a change not in the
+    table (or a change to fashion-mnist that the fast recipe does not follow) fails here."""
+    base, fast = load_config("fashion-mnist").to_dict(), load_config("fashion-mnist-fast").to_dict()
+    changed = {
+        f"{section}.{key}"
+        for section, values in base.items()
+        for key in values
+        if values[key] != fast[section][key]
+    }
+    levers = {"data.crop_size", "data.view_changes", "method.params", "eval.online_knn_every"}
+    assert changed == levers | {"eval.baselines", "train.epochs"}
+    assert fast["data"]["crop_size"] == 24 and fast["method"]["params"] == {
+        "projector": "512-512-512"
+    }
+
+
 def test_code_defaults_are_a_valid_config() -> None:
     assert from_dict({}) == Config()
     assert from_dict(Config().to_dict()) == Config()

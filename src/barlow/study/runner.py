@@ -10,6 +10,8 @@ import of torch and a load of the data per point: seconds against minutes of tra
 Re-running is the way to resume: a point whose ``metrics.json`` exists and whose config equals
 the point's is skipped; a point with a run directory continues with ``--resume`` (bitwise, from
 its last checkpoint); a failed point is recorded, the others go on, and the command ends non-zero.
+A study file whose grid only gains levels at the end of its axes continues the directory (the
+points run before keep their names and results); any other change is refused.
 ``--point K`` (or ``SLURM_ARRAY_TASK_ID``) runs point K alone, so a cluster array task per point
 can share one study directory: each point holds its own run lock, and the study's files are
 written under the study lock (``.study.lock``).
@@ -121,7 +123,9 @@ def claim_directory(study: Study, study_dir: Path) -> None:
     with study_lock(study_dir):
         saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
         differ = [key for key in manifest if saved is None or saved.get(key) != manifest[key]]
-        added = _added_levels(saved["grid"], manifest["grid"]) if differ == ["grid"] else None
+        added = None
+        if saved is not None and differ == ["grid"]:
+            added = _added_levels(saved["grid"], manifest["grid"])
         if saved is None or added:
             atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
     if added:
