@@ -172,7 +172,7 @@ def table(points: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
         f"- {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; {os.cpu_count()} CPU cores "
         f"({cpu_name()}; {simd_flags()}), torch {torch.__version__}; scored on {split}",
         "- minutes: from the command's start to its printed result; load: 1-min load average "
-        "after the point (about 1 is this job alone on 2 cores)",
+        "after the point (about 2 is this job alone: its 2 busy threads)",
         "",
         "| loop | budget (min) | seed | epochs | minutes | kNN top-1 | linear top-1 | img/s | "
         "load |",
