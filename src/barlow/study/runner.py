@@ -121,19 +121,20 @@ def claim_directory(study: Study, study_dir: Path) -> None:
     make_run_directory(study_dir)
     manifest, path = study.manifest(), study_dir / MANIFEST
     with study_lock(study_dir):
-        saved = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-        differ = [key for key in manifest if saved is None or saved.get(key) != manifest[key]]
-        added = None
-        if saved is not None and differ == ["grid"]:
-            added = _added_levels(saved["grid"], manifest["grid"])
-        if saved is None or added:
+        if not path.is_file():
+            atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+            return
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        differ = [key for key in manifest if saved.get(key) != manifest[key]]
+        added = _added_levels(saved["grid"], manifest["grid"]) if differ == ["grid"] else 0
+        if added:
             atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
     if added:
         console(
             f"{study_dir}: the grid gains {added} level(s) at the end of its axes; points run "
             f"before keep their results ({path} updated)"
         )
-    elif saved is not None and differ:
+    elif differ:
         raise ValueError(
             f"{study_dir} holds another study (its {', '.join(differ)} differ from this one's; "
             f"see {path}); choose another --out, or run the same grid, recipe, seeds and --set "
