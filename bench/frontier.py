@@ -2,9 +2,10 @@
 wall-clock budgets, evaluation included.
 
 For each loop and budget B (minutes), the number of epochs that fits is taken from that loop's
-first point (its smallest budget, run with 1 epoch): E = max(1, ⌊(60·B − overhead) / epoch⌋),
-where ``epoch`` is its median epoch time and ``overhead`` the rest of its wall-clock (start, data,
-evaluation). Each point is a fresh process timed from its start to its printed result:
+1-epoch point (its smallest budget, run first; a later run reads it from points.jsonl):
+E = max(1, ⌊(60·B − overhead) / epoch⌋), where ``epoch`` is its median epoch time and
+``overhead`` the rest of its wall-clock (start, data, evaluation). Each point is a fresh
+process timed from its start to its printed result:
 
 - a barlow recipe: ``barlow pretrain RECIPE --epochs E --set train.seed=S`` (baselines off), scored
   by its own final evaluation (weighted kNN k 200, linear probe on frozen features);
@@ -128,11 +129,24 @@ def epochs_for(budget_min: float, first: dict[str, Any]) -> int:
     return max(1, int((60 * budget_min - overhead) // first["epoch_s"]))
 
 
+def calibration_point(
+    points: dict[str, dict[str, Any]], loop: str, seed: int, holdout: int
+) -> dict[str, Any] | None:
+    """The loop's stored 1-epoch point (its smallest budget), or None before it has run: a later
+    run with larger budgets only (``--budgets 30``) still sizes them from it."""
+    rows = [
+        r
+        for r in points.values()
+        if (r["loop"], r["seed"], r["holdout"], r["epochs"]) == (loop, seed, holdout, 1)
+    ]
+    return min(rows, key=lambda r: r["budget"]) if rows else None
+
+
 def run_frontier(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     points = load_points(args.out)
     for loop in args.recipes:
         for seed in args.seeds:
-            first: dict[str, Any] | None = None
+            first = calibration_point(points, loop, seed, args.holdout)
             for budget in sorted(args.budgets):
                 key = point_key(loop, budget, seed, args.holdout)
                 if key not in points:
