@@ -36,8 +36,9 @@ def resnet50(weights: str | Path | None = None) -> Any:
 
 
 def small_cnn(weights: str | Path | None = None) -> Any:
-    """barlow's 4-block CNN for 16–32 px images (256 features at its default width 32); 1 channel
-    and width 32 unless the weights say otherwise."""
+    """barlow's 4-block CNN for 16–32 px images (256 features at its default width 32); 1 channel,
+    width 32 and global pooling unless the weights say otherwise (the pooled grid of
+    ``model.feature_grid`` has no weights: it is read from the file's record)."""
     try:
         from barlow.backbones import SmallCNN
     except ImportError:  # a clone of the repository that is not installed
@@ -45,9 +46,10 @@ def small_cnn(weights: str | Path | None = None) -> Any:
         from barlow.backbones import SmallCNN
     if weights is None:
         return SmallCNN()
-    state = _read(weights, "small_cnn")
+    state, model_record = _read(weights, "small_cnn")
     width, in_channels = state["features.0.weight"].shape[:2]
-    model = SmallCNN(in_channels=int(in_channels), width=int(width))
+    grid = int(model_record.get("feature_grid") or 1)
+    model = SmallCNN(in_channels=int(in_channels), width=int(width), grid=grid)
     _load(model, state, weights, "small_cnn")
     return model
 
@@ -56,7 +58,7 @@ def _resnet(arch: str, weights: str | Path | None) -> Any:
     import torchvision
     from torch import nn
 
-    state = {} if weights is None else _read(weights, arch)
+    state = {} if weights is None else _read(weights, arch)[0]
     model = getattr(torchvision.models, arch)(weights=None)
     model.fc = nn.Identity()
     if weights is None:
@@ -74,20 +76,23 @@ def _resnet(arch: str, weights: str | Path | None) -> Any:
     return model
 
 
-def _read(path: str | Path, arch: str) -> dict[str, Any]:
-    """The backbone's tensors in ``path``, without barlow's ``backbone.`` / ``net.`` prefixes;
-    refuses a file whose recorded backbone is not ``arch``."""
+def _read(path: str | Path, arch: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The backbone's tensors in ``path``, without barlow's ``backbone.`` / ``net.`` prefixes, and
+    the model settings the file records (a checkpoint's ``model`` config, a safetensors file's
+    metadata; empty for a torchvision file); refuses a file whose recorded backbone is not
+    ``arch``."""
     import torch
 
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no weights file {path}")
-    recorded = None
+    record: dict[str, Any] = {}
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as file:
-            recorded = (file.metadata() or {}).get("backbone")
+            metadata = file.metadata() or {}
+            record = {key: _json(value) for key, value in metadata.items()}
             state = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118
     else:
         try:
@@ -99,19 +104,30 @@ def _read(path: str | Path, arch: str) -> dict[str, Any]:
                 "pass a torchvision or safetensors export, or a checkpoint.pt"
             ) from None
         if isinstance(state, dict) and "method" in state and "config" in state:  # checkpoint.pt
-            recorded = state["config"].get("model", {}).get("backbone")
+            record = state["config"].get("model", {})
             state = {
                 key.removeprefix("backbone."): value
                 for key, value in state["method"].items()
                 if key.startswith("backbone.")
             }
+    recorded = record.get("backbone")
     if recorded is not None and recorded != arch:
         raise ValueError(f"{path} holds {recorded} weights; load it with the {recorded!r} entry")
     if not isinstance(state, dict) or not state:
         raise ValueError(f"{path} holds no state dict of tensors")
     if all(key.startswith("net.") for key in state):  # barlow's ResNetTrunk
         state = {key.removeprefix("net."): value for key, value in state.items()}
-    return state
+    return state, record
+
+
+def _json(text: str) -> Any:
+    """A safetensors metadata value (str → str) as barlow wrote it: JSON where it is JSON."""
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def _load(model: Any, state: dict[str, Any], path: str | Path, arch: str) -> None:

@@ -97,6 +97,23 @@ def test_small_cnn_width_sets_its_channels_and_other_backbones_refuse_it() -> No
         create_backbone("small_cnn", width=0)
 
 
+def test_small_cnn_grid_keeps_each_cell_of_the_last_map() -> None:
+    torch.manual_seed(0)
+    pooled = create_backbone("small_cnn", in_channels=1, width=8)
+    gridded = create_backbone("small_cnn", in_channels=1, width=8, grid=2)
+    assert gridded.num_features == 4 * pooled.num_features == 256
+    gridded.load_state_dict(pooled.state_dict())  # the same parameters: only the pooling differs
+    images = torch.randn(3, 1, 28, 28)
+    with torch.no_grad():
+        cells = gridded.eval()(images).view(3, 64, 2, 2)
+        # the mean of the four cells of the 4×4 map is the global average
+        torch.testing.assert_close(cells.mean(dim=(2, 3)), pooled.eval()(images))
+    with pytest.raises(ValueError, match="only small_cnn takes a grid"):
+        create_backbone("resnet18", grid=2)
+    with pytest.raises(ValueError, match="only small_cnn takes a grid"):
+        create_backbone("small_cnn", grid=0)
+
+
 def test_bad_in_channels_is_rejected() -> None:
     with pytest.raises(ValueError, match="in_channels"):
         create_backbone("small_cnn", in_channels=0)

@@ -155,6 +155,8 @@ def test_malformed_override_shows_the_form(override: str) -> None:
         ("model.backbone=resnet19", "model.backbone"),
         ("model.width=0", "model.width"),
         ("model.width=16.5", "model.width"),
+        ("model.feature_grid=0", "model.feature_grid"),
+        ("model.feature_grid=2.5", "model.feature_grid"),
         ("method.lambd=abc", "method.lambd"),
         ("method.projector=8192-abc", "method.projector"),
         ("method.loss_path=fast", "method.loss_path"),
@@ -170,6 +172,12 @@ def test_model_width_is_for_small_cnn_only() -> None:
     assert load_config("digits", ["model.width=16"]).model.width == 16
     with pytest.raises(ValueError, match=r"model\.width=16: only small_cnn takes a width"):
         load_config("digits", ["model.backbone=resnet18", "model.width=16"])
+
+
+def test_model_feature_grid_is_for_small_cnn_only() -> None:
+    assert load_config("digits", ["model.feature_grid=2"]).model.feature_grid == 2
+    with pytest.raises(ValueError, match=r"model\.feature_grid=2: only small_cnn takes"):
+        load_config("digits", ["model.backbone=resnet18", "model.feature_grid=2"])
 
 
 def test_unknown_method_suggests_the_closest() -> None:

@@ -305,6 +305,24 @@ def test_a_wider_small_cnn_loads_from_its_card_and_the_hub(tmp_path: Path) -> No
     assert h.shape[1] == 64 and torch.allclose(features(model, x), h, rtol=0, atol=1e-5)
 
 
+def test_a_gridded_small_cnn_loads_from_its_card_and_the_hub(tmp_path: Path) -> None:
+    path = fake_checkpoint(
+        tmp_path / "checkpoint.pt", backbone="small_cnn", width=8, feature_grid=2
+    )
+    export.export_checkpoint(path, "safetensors", tmp_path / "out")
+    card = (tmp_path / "out" / "MODEL.md").read_text()
+    assert 'create_backbone("small_cnn", in_channels=1, width=8, grid=2)' in card
+    assert run_snippets(card, tmp_path / "out", path) == 1
+    exported = tmp_path / "out" / "small_cnn.safetensors"
+    with safe_open(str(exported), framework="pt") as file:
+        assert json.loads(file.metadata()["feature_grid"]) == 2
+    _, x, h = reference(path)
+    assert h.shape[1] == 64 * 4
+    for weights in (path, exported):  # the grid has no weights: each file's record gives it
+        model = torch.hub.load(str(REPO), "small_cnn", source="local", weights=str(weights))
+        assert torch.allclose(features(model, x), h, rtol=0, atol=1e-5)
+
+
 def test_a_wrong_export_is_not_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -43,9 +43,14 @@ class SmallCNN(nn.Module):
     resolution (28 → 28, 14, 7, 4 px); global average pooling. At w = 32 about 12 M
     multiply-adds per 28-px image, most of them in blocks 2–4; parameters and multiply-adds grow
     as w².
+
+    ``grid`` g > 1 average-pools the last map to g × g cells instead of one and concatenates
+    them: num_features = 8w·g², the same parameters and compute. The features then keep where in
+    the image a part was (collar above, hem below), which a centred-object dataset such as
+    Fashion-MNIST rewards (bench/results/fast_recipe.md); g = 1 is translation-invariant.
     """
 
-    def __init__(self, *, in_channels: int = 1, width: int = 32) -> None:
+    def __init__(self, *, in_channels: int = 1, width: int = 32, grid: int = 1) -> None:
         super().__init__()
         w = width
 
@@ -58,10 +63,11 @@ class SmallCNN(nn.Module):
             *block(w, 2 * w, 2),
             *block(2 * w, 4 * w, 2),
             *block(4 * w, 8 * w, 2),
-            nn.AdaptiveAvgPool2d(1),
+            nn.AdaptiveAvgPool2d(grid),
             nn.Flatten(),
         )
-        self.num_features: int = 8 * w
+        self.grid = grid
+        self.num_features: int = 8 * w * grid * grid
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x)
@@ -170,22 +176,27 @@ def create_backbone(
     small_images: bool = False,
     image_size: int | None = None,
     width: int | None = None,
+    grid: int | None = None,
 ) -> nn.Module:
     """Build an encoder by name: ``resnet18|34|50``, ``small_cnn`` or ``timm:<model>``.
 
     The returned module maps (B, C, H, W) images to (B, num_features) features and exposes
     ``.num_features``. ``small_images`` is for the torchvision ResNets; ``image_size`` (the crop
-    side) for timm models, which keep their own stem (see :class:`TimmTrunk`); ``width`` for
-    ``small_cnn`` only (its first block's channels; None: 32).
+    side) for timm models, which keep their own stem (see :class:`TimmTrunk`); ``width`` and
+    ``grid`` for ``small_cnn`` only (its first block's channels, None: 32; its pooled cells per
+    side, None: 1, global average pooling).
     """
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1 (1 grayscale, 3 RGB), got {in_channels}")
     if width is not None and (name != "small_cnn" or width < 1):
         raise ValueError(f"width={width}: only small_cnn takes a width (>= 1), not {name!r}")
+    if grid is not None and (name != "small_cnn" or grid < 1):
+        raise ValueError(f"grid={grid}: only small_cnn takes a grid (>= 1), not {name!r}")
     if name in _RESNETS:
         return ResNetTrunk(name, in_channels=in_channels, small_images=small_images)
     if name == "small_cnn":
-        sized = {} if width is None else {"width": width}  # None keeps SmallCNN's own default
+        given = {"width": width, "grid": grid}
+        sized = {k: v for k, v in given.items() if v is not None}  # None: SmallCNN's defaults
         return SmallCNN(in_channels=in_channels, **sized)
     if name.startswith(TIMM_PREFIX):
         model = timm_model_name(name)

@@ -68,6 +68,9 @@ class ModelConfig:
     # small_cnn's first-block channels (each later block doubles them; features = 8 × width);
     # None: its default 32. The other backbones fix their own widths and reject it
     width: int | None = None
+    # small_cnn's pooled layout: its last map average-pooled to G × G cells, concatenated
+    # (features = 8 × width × G², same compute); None: 1, global average pooling
+    feature_grid: int | None = None
 
 
 @dataclass(frozen=True)
@@ -410,6 +413,12 @@ def _check_names(cfg: Config) -> None:
         raise ValueError(
             f"model.width={width}: only small_cnn takes a width, and it must be >= 1 "
             f"(backbone {backbone!r}; leave model.width unset for the backbone's own widths)"
+        )
+    grid = cfg.model.feature_grid
+    if grid is not None and (backbone != "small_cnn" or grid < 1):
+        raise ValueError(
+            f"model.feature_grid={grid}: only small_cnn takes a feature grid, and it must be "
+            f">= 1 (backbone {backbone!r}; leave model.feature_grid unset for global pooling)"
         )
     views = cfg.data.views
     if views is not None and views not in RECIPES:

@@ -25,5 +25,6 @@ def build_method(cfg: Config) -> Method:
         small_images=small,
         image_size=crop,
         width=cfg.model.width,
+        grid=cfg.model.feature_grid,
     )
     return create_method(cfg.method.name, cfg.method.params, backbone)

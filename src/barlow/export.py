@@ -275,6 +275,7 @@ def _metadata(encoder: Encoder) -> dict[str, str]:
         "keys": "torchvision" if isinstance(backbone, ResNetTrunk) else "barlow",
         "small_images": json.dumps(small),
         "width": json.dumps(encoder.cfg.model.width),
+        "feature_grid": json.dumps(encoder.cfg.model.feature_grid),
         "in_channels": str(encoder.channels),
         "image_size": str(encoder.size),
         "mean": json.dumps(list(encoder.mean)),
@@ -507,10 +508,12 @@ def _command_line(argv: list[str]) -> str:
     return " ".join([program, *map(shlex.quote, argv[1:])])
 
 
-def _width_argument(encoder: Encoder) -> str:
-    """``, width=W`` when the run set ``model.width`` (small_cnn), else nothing."""
-    width = encoder.cfg.model.width
-    return "" if width is None else f", width={width}"
+def _small_cnn_arguments(encoder: Encoder) -> str:
+    """``, width=W`` and ``, grid=G`` for what the run set of ``model.width`` and
+    ``model.feature_grid`` (small_cnn), else nothing."""
+    model = encoder.cfg.model
+    given = {"width": model.width, "grid": model.feature_grid}
+    return "".join(f", {name}={value}" for name, value in given.items() if value is not None)
 
 
 def _loader(encoder: Encoder, name: str, kind: str) -> list[str]:
@@ -540,7 +543,7 @@ def _loader(encoder: Encoder, name: str, kind: str) -> list[str]:
         build = (
             f'create_backbone("{arch}", in_channels={c}, small_images={small}).net'
             if isinstance(encoder.backbone, ResNetTrunk)
-            else f'create_backbone("{arch}", in_channels={c}{_width_argument(encoder)})'
+            else f'create_backbone("{arch}", in_channels={c}{_small_cnn_arguments(encoder)})'
         )
         return [
             "import safetensors.torch; from barlow.backbones import create_backbone",
