@@ -16,7 +16,8 @@ process timed from its start to its printed result:
 Points go to ``OUT/points.jsonl`` as they finish; a rerun skips the points there (a frontier
 takes hours on 2 cores). ``--holdout N`` scores on N held-out training images instead of the test
 split (``data.holdout``): the mode for choosing a recipe. The table and the plot are written at
-the end of every run.
+the end of every run, from every point in the file: when a recipe changes, its old points are
+relabelled there (e.g. "fashion-mnist-fast, global pooling (before the grid)") and kept.
 
     PYTHONPATH=src python bench/frontier.py --recipes fashion-mnist fashion-mnist-fast plain \
         --budgets 2 5 10 15 30 --seeds 0 --out bench/results/frontier
@@ -214,7 +215,7 @@ def plot(points: dict[str, dict[str, Any]], args: argparse.Namespace, path: Path
     for ax, metric, title in zip(
         axes, ("knn", "linear"), ("kNN top-1", "linear top-1"), strict=True
     ):
-        for loop in args.recipes:
+        for loop in dict.fromkeys([*args.recipes, *(r["loop"] for r in points.values())]):
             rows = sorted(
                 (r for r in points.values() if r["loop"] == loop and r["holdout"] == args.holdout),
                 key=lambda r: r["wall_s"],

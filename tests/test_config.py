@@ -41,10 +41,12 @@ def test_the_fast_recipe_is_the_cpu_recipe_with_only_the_screened_levers() -> No
         if values[key] != fast[section][key]
     }
     levers = {"data.crop_size", "data.view_changes", "method.params", "eval.online_knn_every"}
+    levers |= {"model.feature_grid"}
     assert changed == levers | {"eval.baselines", "train.epochs"}
     assert fast["data"]["crop_size"] == 24 and fast["method"]["params"] == {
         "projector": "512-512-512"
     }
+    assert fast["model"]["feature_grid"] == 3
 
 
 def test_code_defaults_are_a_valid_config() -> None:
