@@ -81,7 +81,7 @@ def report(rates: dict[int, list[float]], seconds: dict[int, list[float]], args:
         "",
         f"- command: `{command_line()}`",
         f"- CPU: {cpu_name()} ({simd_flags()}), {torch.get_num_threads()} torch threads, "
-        f"load before {os.getloadavg()[0]:.2f}",
+        f"1-min load at the end {os.getloadavg()[0]:.2f} (about 2 is this job alone)",
         f"- {args.steps} timed training steps per grid per round after 1 untimed; "
         f"{args.rounds} rounds interleaved; medians",
         "",
