@@ -112,6 +112,9 @@ def test_small_cnn_grid_keeps_each_cell_of_the_last_map() -> None:
         create_backbone("resnet18", grid=2)
     with pytest.raises(ValueError, match="only small_cnn takes a grid"):
         create_backbone("small_cnn", grid=0)
+    with pytest.raises(ValueError, match=r"at 24 px has only 3 × 3 cells"):
+        create_backbone("small_cnn", grid=4, image_size=24)
+    assert create_backbone("small_cnn", grid=4, image_size=28).num_features == 256 * 16
 
 
 def test_bad_in_channels_is_rejected() -> None:

@@ -66,7 +66,6 @@ class SmallCNN(nn.Module):
             nn.AdaptiveAvgPool2d(grid),
             nn.Flatten(),
         )
-        self.grid = grid
         self.num_features: int = 8 * w * grid * grid
 
     def forward(self, x: Tensor) -> Tensor:
@@ -192,6 +191,12 @@ def create_backbone(
         raise ValueError(f"width={width}: only small_cnn takes a width (>= 1), not {name!r}")
     if grid is not None and (name != "small_cnn" or grid < 1):
         raise ValueError(f"grid={grid}: only small_cnn takes a grid (>= 1), not {name!r}")
+    cells = -(-image_size // 8) if image_size is not None else None  # small_cnn's last map side
+    if grid is not None and cells is not None and grid > cells:
+        raise ValueError(
+            f"grid={grid}: small_cnn's last map at {image_size} px has only {cells} × {cells} "
+            f"cells; choose a grid of at most {cells} (a larger one repeats cells)"
+        )
     if name in _RESNETS:
         return ResNetTrunk(name, in_channels=in_channels, small_images=small_images)
     if name == "small_cnn":
