@@ -323,6 +323,29 @@ def test_a_gridded_small_cnn_loads_from_its_card_and_the_hub(tmp_path: Path) -> 
         assert torch.allclose(features(model, x), h, rtol=0, atol=1e-5)
 
 
+def test_a_gridded_runs_backbone_file_records_its_grid_for_the_hub(tmp_path: Path) -> None:
+    """The run's own backbone.safetensors: without the recorded grid the hub would build global
+    pooling, load the same weights without complaint and give other features."""
+    from barlow.assessment import load_pretrained
+    from barlow.rundir import RunDir
+    from barlow.training.pretrain import export_and_evaluate
+
+    path = fake_checkpoint(
+        tmp_path / "checkpoint.pt", backbone="small_cnn", width=8, feature_grid=2
+    )
+    method, cfg, _ = load_pretrained(path)
+    run_dir = RunDir(tmp_path / "run")
+    cpu = torch.device("cpu")
+    export_and_evaluate(
+        method, cfg, run_dir, {}, device=cpu, progress=False, only=[run_dir.backbone]
+    )
+    with safe_open(str(run_dir.backbone), framework="pt") as file:
+        assert file.metadata()["feature_grid"] == "2"
+    model = torch.hub.load(str(REPO), "small_cnn", source="local", weights=str(run_dir.backbone))
+    _, x, h = reference(path)
+    assert h.shape[1] == 256 and torch.allclose(features(model, x), h, rtol=0, atol=1e-5)
+
+
 def test_a_wrong_export_is_not_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -14,6 +14,7 @@ one that loads and is complete, skipping (with a warning) files a crash or a bad
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import re
@@ -397,12 +398,16 @@ def load_method_weights(
         ) from None
 
 
-def export_backbone(state_dict: Mapping[str, Tensor], path: str | Path) -> None:
+def export_backbone(
+    state_dict: Mapping[str, Tensor], path: str | Path, *, metadata: Mapping[str, str] | None = None
+) -> None:
     """Write backbone weights alone, atomically: safetensors for a ``.safetensors`` path,
     otherwise a ``torch.save`` of a flat ``{name: tensor}`` dict (loadable with weights_only).
 
     The format follows the file name so the file says what it is; read either with
-    :func:`load_exported_backbone`.
+    :func:`load_exported_backbone`. ``metadata`` (safetensors only) records what the weights
+    alone do not say, e.g. small_cnn's ``feature_grid``; the header is key-sorted so the same
+    content gives the same bytes in every process.
     """
     path = Path(path)
     for key, value in state_dict.items():
@@ -415,10 +420,23 @@ def export_backbone(state_dict: Mapping[str, Tensor], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         safetensors_torch = _import_safetensors()
-        data = safetensors_torch.save(tensors, metadata={"format": "pt"})
+        data = sorted_header(
+            safetensors_torch.save(tensors, metadata={"format": "pt", **(metadata or {})})
+        )
         atomic_write(path, lambda file: file.write(data))
     else:
         atomic_write(path, lambda file: torch.save(tensors, file))
+
+
+def sorted_header(payload: bytes) -> bytes:
+    """A safetensors file's bytes with its JSON header's keys sorted, the same length: safetensors
+    writes metadata from a hash map, in an order that differs between processes, and a resumed
+    run must rewrite a file byte for byte (the data offsets do not depend on the order)."""
+    n = int.from_bytes(payload[:8], "little")
+    header = json.dumps(json.loads(payload[8 : 8 + n]), sort_keys=True, separators=(",", ":"))
+    if len(header.encode()) > n:  # not expected: the same JSON, compact, ASCII
+        return payload
+    return payload[:8] + header.encode().ljust(n) + payload[8 + n :]
 
 
 def load_exported_backbone(path: str | Path) -> dict[str, Tensor]:

@@ -46,7 +46,6 @@ eigenproblems at most N×N.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -60,6 +59,7 @@ from torch import Tensor
 from barlow import data, distributed
 from barlow.augment import MultiView, ViewSpec
 from barlow.batched_views import BatchedMultiView
+from barlow.checkpoint import sorted_header
 from barlow.losses import standardize
 from barlow.methods.base import Method
 from barlow.rundir import INSIGHT_NAME, atomic_write
@@ -150,17 +150,6 @@ def heatmap(c: Tensor, scale: int = 4) -> Tensor:
     v = c.detach().float().cpu().clamp(-1.0, 1.0)
     rgb = torch.stack([1 - (-v).clamp_min(0), 1 - v.abs(), 1 - v.clamp_min(0)])
     return rgb.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-
-
-def sorted_header(payload: bytes) -> bytes:
-    """A safetensors file's bytes with its JSON header's keys sorted, the same length: safetensors
-    writes metadata from a hash map, in an order that differs between processes, and a resumed
-    run must rewrite a file byte for byte (the data offsets do not depend on the order)."""
-    n = int.from_bytes(payload[:8], "little")
-    header = json.dumps(json.loads(payload[8 : 8 + n]), sort_keys=True, separators=(",", ":"))
-    if len(header.encode()) > n:  # not expected: the same JSON, compact, ASCII
-        return payload
-    return payload[:8] + header.encode().ljust(n) + payload[8 + n :]
 
 
 class ProbeBatch:

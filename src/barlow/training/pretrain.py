@@ -286,7 +286,9 @@ def export_and_evaluate(
     """Write ``backbone.safetensors``; with ``eval.final``, evaluate into ``metrics.json``
     (``only``: just those of the two files)."""
     if only is None or run_dir.backbone in only:
-        checkpoint.export_backbone(method.backbone.state_dict(), run_dir.backbone)
+        grid = cfg.model.feature_grid  # not in the weights: recorded for torch.hub and readers
+        record = {} if grid is None else {"feature_grid": str(grid)}
+        checkpoint.export_backbone(method.backbone.state_dict(), run_dir.backbone, metadata=record)
     if cfg.eval.final and (only is None or run_dir.metrics in only):
         results.update(final_evaluation(method, cfg, device=device, progress=progress))
         write_metrics(run_dir.metrics, results)
