@@ -211,7 +211,7 @@ def plot(points: dict[str, dict[str, Any]], args: argparse.Namespace, path: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6), sharex=True)
     for ax, metric, title in zip(
         axes, ("knn", "linear"), ("kNN top-1", "linear top-1"), strict=True
     ):
@@ -225,8 +225,9 @@ def plot(points: dict[str, dict[str, Any]], args: argparse.Namespace, path: Path
                 ax.plot(xs, [100 * r[metric] for r in rows], marker="o", label=loop)
         ax.set(title=title, xlabel="minutes (2 CPU cores, evaluation included)", ylabel="%")
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))  # the legend below the plots, clear of the curves
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
