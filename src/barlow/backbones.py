@@ -72,6 +72,12 @@ class SmallCNN(nn.Module):
         return self.features(x)
 
 
+def small_cnn_map_side(image_size: int) -> int:
+    """The side of :class:`SmallCNN`'s last map: its three stride-2 3×3 convs (padding 1) give
+    ⌈n/2⌉ each, so ⌈n/8⌉ (28 px → 4, 24 px → 3)."""
+    return -(-image_size // 8)
+
+
 def timm_model_name(backbone: str) -> str:
     """The timm model of ``backbone = "timm:NAME"``: NAME, checked against timm's registry.
 
@@ -191,7 +197,7 @@ def create_backbone(
         raise ValueError(f"width={width}: only small_cnn takes a width (>= 1), not {name!r}")
     if grid is not None and (name != "small_cnn" or grid < 1):
         raise ValueError(f"grid={grid}: only small_cnn takes a grid (>= 1), not {name!r}")
-    cells = -(-image_size // 8) if image_size is not None else None  # small_cnn's last map side
+    cells = small_cnn_map_side(image_size) if image_size is not None else None
     if grid is not None and cells is not None and grid > cells:
         raise ValueError(
             f"grid={grid}: small_cnn's last map at {image_size} px has only {cells} × {cells} "

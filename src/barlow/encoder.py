@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from barlow import data
 from barlow.backbones import create_backbone
 from barlow.config import Config
@@ -28,3 +30,10 @@ def build_method(cfg: Config) -> Method:
         grid=cfg.model.feature_grid,
     )
     return create_method(cfg.method.name, cfg.method.params, backbone)
+
+
+def weightless_settings(cfg: Config) -> dict[str, str]:
+    """What a backbone file records besides its tensors (safetensors metadata is str → str):
+    small_cnn's ``feature_grid``, which has no weights (JSON; "null" is global pooling), so
+    ``torch.hub`` and other readers rebuild the same encoder from the file alone."""
+    return {"feature_grid": json.dumps(cfg.model.feature_grid)}

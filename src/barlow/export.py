@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from barlow import __version__, checkpoint, data
 from barlow.backbones import ResNetTrunk
 from barlow.config import Config, from_dict
-from barlow.encoder import build_method, crop_size
+from barlow.encoder import build_method, crop_size, weightless_settings
 from barlow.rundir import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
@@ -275,7 +275,7 @@ def _metadata(encoder: Encoder) -> dict[str, str]:
         "keys": "torchvision" if isinstance(backbone, ResNetTrunk) else "barlow",
         "small_images": json.dumps(small),
         "width": json.dumps(encoder.cfg.model.width),
-        "feature_grid": json.dumps(encoder.cfg.model.feature_grid),
+        **weightless_settings(encoder.cfg),
         "in_channels": str(encoder.channels),
         "image_size": str(encoder.size),
         "mean": json.dumps(list(encoder.mean)),

@@ -15,6 +15,7 @@ from barlow import __version__, checkpoint, cpu_share, distributed, insight
 from barlow.assessment import EvalData, final_evaluation, online_knn
 from barlow.compute import flush_denormals
 from barlow.config import Config
+from barlow.encoder import weightless_settings
 from barlow.evaluate import write_metrics
 from barlow.health import embedding_health
 from barlow.logbook import Logbook, Progress, console
@@ -286,8 +287,7 @@ def export_and_evaluate(
     """Write ``backbone.safetensors``; with ``eval.final``, evaluate into ``metrics.json``
     (``only``: just those of the two files)."""
     if only is None or run_dir.backbone in only:
-        grid = cfg.model.feature_grid  # not in the weights: recorded for torch.hub and readers
-        record = {} if grid is None else {"feature_grid": str(grid)}
+        record = weightless_settings(cfg)
         checkpoint.export_backbone(method.backbone.state_dict(), run_dir.backbone, metadata=record)
     if cfg.eval.final and (only is None or run_dir.metrics in only):
         results.update(final_evaluation(method, cfg, device=device, progress=progress))
